@@ -1,0 +1,242 @@
+"""Issue 5, reliability: malformed invocations fail cleanly, and a SIGKILLed run resumes bitwise-identically.
+
+Bad inputs run in-process (`train.cli`, `validate.main`): each must end with one `error: ...` line naming the
+problem, no traceback, and no new run folder / results file. Cases already covered in test_train.py
+(`test_cli_errors_are_one_line_and_write_nothing`) and test_validate.py (`BAD_CASES`) are not repeated.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import train
+import validate
+from test_train import DIGITS, ROOT, TINY, digits_run, make_image_folder, run_train  # noqa: F401  (digits_run: fixture)
+from test_validate import _args, _model, image_dir, run_dir  # noqa: F401  (fixtures)
+from we_timm.checkpoint import atomic_save, load_weights, save_safetensors
+from we_timm.run_io import STATE_FORMAT
+
+
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def _resnet_state(tmp: Path) -> str:
+    """A well-formed training state of test_resnet (3 classes), as far as --resume reads it before the model."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    path = tmp / "resnet_state.pth.tar"
+    atomic_save({"format": STATE_FORMAT, "version": 1, "epoch": 0, "model": model.state_dict(), "args": {}}, path)
+    return str(path)
+
+
+def _data(tmp: Path, **kw) -> str:
+    return str(make_image_folder(tmp / "data", **kw))
+
+
+def _train_case(tmp: Path, case: str) -> tuple[list[str], str]:
+    """argv for train.py (without --output) and a regex the error line must match."""
+    if case == "yaml_wrong_type":
+        return ["-c", _write(tmp / "c.yaml", "epochs: many\n")], "epochs"
+    if case == "yaml_not_mapping":
+        return ["-c", _write(tmp / "c.yaml", "- model\n- test_resnet\n")], "mapping"
+    if case == "yaml_syntax":
+        return ["-c", _write(tmp / "c.yaml", "model: [test_resnet\n")], "not valid YAML"
+    if case == "yaml_missing":
+        return ["-c", str(tmp / "nope.yaml")], "cannot read config"
+    if case == "we_rate_2":
+        return ["--weight-evolution", "--we-rate", "2"], "rate"
+    if case == "we_beta_half":
+        return ["--weight-evolution", "--we-beta", "0.5"], "beta"
+    if case == "we_eta_0":
+        return ["--weight-evolution", "--we-eta", "0"], "eta"
+    if case == "we_milestones_negative":
+        return ["--weight-evolution", "--we-milestones", "-1"], "milestones"
+    if case == "yaml_we_gamma_2":
+        return ["--weight-evolution", "-c", _write(tmp / "c.yaml", "we_gamma: 2\n")], "gamma"
+    if case == "epochs_0":
+        return ["--epochs", "0"], "--epochs"
+    if case == "batch_size_0":
+        return ["-b", "0"], "--batch-size"
+    if case == "mixup_odd_batch":
+        return ["--mixup", "0.2", "-b", "7"], "even --batch-size"
+    if case == "dataset_without_dir":
+        return ["--dataset", "torch/cifar10"], "needs --data-dir"
+    if case == "data_dir_is_file":
+        return ["--data-dir", _write(tmp / "data.txt", "x")], "not a directory"
+    if case == "class_map_missing":
+        return ["--data-dir", _data(tmp), "--class-map", str(tmp / "map.txt")], "class-map .*no such file"
+    if case == "batch_larger_than_dataset":  # 3 classes x 2 images, batch 64: no full batch (drop_last) -> error
+        return ["--data-dir", _data(tmp, train=2, val=2), "-b", "64"], "make no batch of 64"
+    if case == "empty_train_split":
+        data = Path(_data(tmp))
+        for f in (data / "train").rglob("*.png"):
+            f.unlink()
+        return ["--data-dir", str(data)], "(empty|no images|Found 0)"
+    if case == "resume_text_file":
+        return ["--resume", _write(tmp / "notes.pth.tar", "just some text\n" * 20)], "cannot read training state|not a we_timm training state"
+    if case == "resume_foreign_pickle":
+        atomic_save({"state_dict": {"w": torch.zeros(1)}}, tmp / "foreign.pth.tar")
+        return ["--resume", str(tmp / "foreign.pth.tar")], "not a we_timm training state"
+    if case == "resume_safetensors":
+        save_safetensors(tmp / "w.safetensors", {"w": torch.zeros(1)}, {})
+        return ["--resume", str(tmp / "w.safetensors")], "model weights only"
+    if case == "resume_other_model":
+        return ["--resume", _resnet_state(tmp), "--model", "test_efficientnet", "--data-dir", _data(tmp)], \
+            "does not match model test_efficientnet"
+    if case == "resume_truncated":
+        blob = Path(_resnet_state(tmp)).read_bytes()
+        (tmp / "cut.pth.tar").write_bytes(blob[: len(blob) // 2])
+        return ["--resume", str(tmp / "cut.pth.tar")], "cannot read training state"
+    if case == "initial_checkpoint_text":
+        return ["--initial-checkpoint", _write(tmp / "w.pth", "not weights\n")], "w.pth"
+    raise AssertionError(case)
+
+
+TRAIN_CASES = ["yaml_wrong_type", "yaml_not_mapping", "yaml_syntax", "yaml_missing", "we_rate_2", "we_beta_half",
+               "we_eta_0", "we_milestones_negative", "yaml_we_gamma_2", "epochs_0", "batch_size_0", "mixup_odd_batch",
+               "dataset_without_dir", "data_dir_is_file", "class_map_missing", "batch_larger_than_dataset",
+               "empty_train_split", "resume_text_file", "resume_foreign_pickle", "resume_safetensors",
+               "resume_other_model", "resume_truncated", "initial_checkpoint_text"]
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_train_bad_input_one_line_error(tmp_path: Path, capsys, case: str):
+    argv, pattern = _train_case(tmp_path, case)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train.cli([*TINY, "--epochs", "1", *argv, "--output", str(out)])  # argv's own --epochs wins
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    assert re.search(pattern, msg), msg
+    assert "Traceback" not in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_train_all_images_unreadable_is_one_line_error(tmp_path: Path, capsys):
+    """timm skips a few bad files, then raises RuntimeError mid-epoch: train.py probes a sample before writing."""
+    data = Path(_data(tmp_path, train=2, val=2))
+    for f in (data / "train").rglob("*.png"):
+        f.write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as e:
+        train.cli([*TINY, "--epochs", "1", "--data-dir", str(data), "-b", "2", "--output", str(tmp_path / "out")])
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg and re.search("cannot read split 'train'.*class0/0.png", msg), msg
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_cli_process_exit_status_and_stderr(tmp_path: Path):
+    """The real process: exit status 1, stderr ends with the one `error:` line, no traceback (--debug: the exception)."""
+    argv, _ = _train_case(tmp_path, "resume_other_model")
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--epochs", "1", *argv, "--output", str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: checkpoint does not match model test_efficientnet")
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(Exception, match="does not match model test_efficientnet") as e:  # --debug: the exception itself
+        train.cli([*cmd[2:], "--debug"])
+    assert not isinstance(e.value, SystemExit)
+
+
+def test_train_skips_a_single_corrupt_image(tmp_path: Path, caplog):
+    """One unreadable file in an ImageFolder is skipped with a warning (timm's behaviour); the run completes."""
+    data = Path(_data(tmp_path, train=4, val=2))
+    (data / "train" / "class1" / "2.png").write_bytes(b"not a png")
+    assert train.cli([*TINY, "--epochs", "1", "--data-dir", str(data), "-b", "4", "--output", str(tmp_path / "out"),
+                      "--experiment", "x"]) == 0
+    assert "Skipped sample" in caplog.text
+    assert (tmp_path / "out" / "x" / "last.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- validate.py (beyond test_validate.py)
+
+
+def _validate_case(tmp: Path, run: Path, images: Path, case: str) -> tuple[list[str], str]:
+    good = str(run / "model_best.safetensors")
+    data = ["--data-dir", str(images)]
+    if case == "truncated_train_state":
+        atomic_save({"format": STATE_FORMAT, "model": _model(0).state_dict()}, tmp / "last.pth.tar")
+        blob = (tmp / "last.pth.tar").read_bytes()
+        (tmp / "cut.pth.tar").write_bytes(blob[: len(blob) // 2])
+        return ["--checkpoint", str(tmp / "cut.pth.tar"), "--model", "test_resnet", "--num-classes", "3", *data], "cut.pth.tar"
+    if case == "empty_file":
+        (tmp / "empty.safetensors").write_bytes(b"")
+        return ["--checkpoint", str(tmp / "empty.safetensors"), *data], "empty.safetensors"
+    if case == "checkpoint_is_dir":
+        return ["--checkpoint", str(run), *data], re.escape(str(run))
+    if case == "unknown_model":
+        return ["--checkpoint", good, "--model", "no_such_model", *data], "no_such_model"
+    if case == "batch_size_0":
+        return ["--checkpoint", good, *data, "--batch-size", "0"], "--batch-size"
+    if case == "all_images_unreadable":
+        for c in range(3):
+            (tmp / "bad" / "validation" / f"c{c}").mkdir(parents=True)
+            (tmp / "bad" / "validation" / f"c{c}" / "0.png").write_bytes(b"not a png")
+        return ["--checkpoint", good, "--data-dir", str(tmp / "bad")], "cannot read split .validation.*c0/0.png"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["truncated_train_state", "empty_file", "checkpoint_is_dir", "unknown_model",
+                                  "batch_size_0", "all_images_unreadable"])
+def test_validate_bad_input_one_line_error(tmp_path, run_dir, image_dir, capsys, case):  # noqa: F811
+    argv, pattern = _validate_case(tmp_path, run_dir, image_dir, case)
+    results = tmp_path / "results.csv"
+    with pytest.raises(SystemExit) as e:
+        validate.main(_args(*argv, "--results-file", str(results)))
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    assert re.search(pattern, msg), msg
+    assert "Traceback" not in capsys.readouterr().err
+    assert not results.exists()
+
+
+# ----------------------------------------------------------------------------- kill -9, then --resume
+
+DIGITS_RUN_ARGS = [*TINY, *DIGITS, "--epochs", "3", "--weight-evolution", "--model-ema", "--model-ema-decay", "0.9",
+                   "--mixup", "0.2", "--reprob", "0.2", "--drop-path", "0.05", "--checkpoint-hist", "3"]
+
+
+def test_sigkill_then_resume_is_bitwise_identical(digits_run: Path, tmp_path: Path):  # noqa: F811
+    run = tmp_path / "out" / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *DIGITS_RUN_ARGS, "--output", str(tmp_path / "out"),
+                             "--experiment", "killed"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoint-1.pth.tar").exists():  # epoch 1 saved; WE step 1 / epoch 2 under way
+            assert proc.poll() is None, f"train.py ended early ({proc.returncode})"
+            assert time.monotonic() < deadline, "no checkpoint-1.pth.tar within 300 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+
+    state = train.load_state(str(run / "last.pth.tar"))  # atomic writes: the newest complete state is readable
+    assert state["epoch"] in (1, 2)
+    run_train(["--resume", str(run / "last.pth.tar")], cwd=tmp_path)  # settings and run folder from the state
+
+    for name in ("last.safetensors", "last_ema.safetensors"):
+        a, _ = load_weights(digits_run / name)
+        b, meta = load_weights(run / name)
+        assert meta["epoch"] == 2 and a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name

@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Evaluate a checkpoint released by train.py (or any timm model) on a labelled image set.
+
+    python validate.py --checkpoint output/run/model_best.safetensors --dataset digits
+    python validate.py --checkpoint model_best.safetensors --data-dir /data/imagenet --split val
+    python validate.py --model resnet18 --checkpoint timm_checkpoint.pth.tar --data-dir /data/imagenet
+    accelerate launch validate.py --checkpoint ... --data-dir ...   # any number of processes
+
+A train.py checkpoint carries its architecture, class count, evaluation data
+config and training args as safetensors metadata, so `--model` and `--img-size`
+are only needed for foreign checkpoints; unset `--batch-size`, `--amp` and
+`--channels-last` follow the training run, and without `--data-dir`/`--dataset`
+the run's own data is used, so train.py's eval numbers reproduce exactly.
+Every sample is counted exactly once across processes (`gather_for_metrics`
+drops the padding of the last, uneven batch).
+Bad inputs end with one `error: ...` line and a non-zero exit; `--debug` shows tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from timm.data import create_transform, resolve_data_config
+from tqdm import tqdm
+
+from we_timm.checkpoint import CheckpointError, create_model_from_checkpoint, model_name
+from we_timm.data import DIGITS, create_dataset, probe_dataset
+
+_logger = logging.getLogger("validate")
+
+DEFAULT_BATCH_SIZE = 256  # timm validate.py's default
+# train.py / timm train.py arguments that resolve_data_config reads
+DATA_ARGS = ("input_size", "img_size", "in_chans", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+class DataError(Exception):
+    """The evaluation data cannot be used (missing folder, empty set, label range)."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Validate a we_timm / timm checkpoint", add_help=True)
+    group = parser.add_argument_group("Model")
+    group.add_argument("--model", "-m", default=None, help="timm architecture; default: the checkpoint's metadata")
+    group.add_argument("--checkpoint", default="", help=".safetensors (train.py) or timm .pth/.pth.tar weights")
+    group.add_argument("--pretrained", action="store_true", help="no checkpoint: use timm's pretrained weights (needs a cache)")
+    group.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights (<name>_ema.safetensors or state_dict_ema)")
+    group.add_argument("--num-classes", type=int, default=None, help="classifier size; default: the checkpoint's metadata")
+
+    group = parser.add_argument_group("Data")
+    group.add_argument("--data-dir", default=None, help="image folder root (timm ImageFolder layout, split sub-folders searched)")
+    group.add_argument("--dataset", default="", help="'' for an image folder, 'digits' for sklearn digits, or a timm dataset name; default: the checkpoint's training data")
+    group.add_argument("--split", default="validation", help="dataset split to evaluate")
+    group.add_argument("--img-size", type=int, default=None, help="square input size; default: checkpoint data config")
+    group.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"), help="full input size, overrides --img-size")
+    group.add_argument("--crop-pct", type=float, default=None, help="center-crop fraction; default: checkpoint data config")
+    group.add_argument("--crop-mode", default=None, help="crop mode (center, squash, border); default: checkpoint data config")
+    group.add_argument("--interpolation", default=None, help="resize interpolation; default: checkpoint data config")
+    group.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN", help="normalisation mean")
+    group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD", help="normalisation std")
+    group.add_argument("--num-samples", type=int, default=None, metavar="N", help="evaluate only the first N samples (train.py's --val-num-samples)")
+    group.add_argument("--class-map", default="", help="class to index mapping file for image folders")
+    group.add_argument("--batch-size", "-b", type=int, default=None, help=f"images per process and step; default: the checkpoint's eval batch size, else {DEFAULT_BATCH_SIZE}")
+    group.add_argument("--workers", "-j", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes per process (default: min(4, CPUs))")
+
+    group = parser.add_argument_group("Runtime")
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="autocast the forward pass; default: as the checkpoint was trained")
+    group.add_argument("--amp-dtype", default=None, choices=("bfloat16", "float16"), help="autocast dtype with --amp; default: the checkpoint's, else bfloat16")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format; default: as the checkpoint was trained")
+    group.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is present")
+    group.add_argument("--results-file", default="", help="write the results row to this file")
+    group.add_argument("--results-format", default="csv", choices=("csv", "json"), help="format of --results-file")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("--debug", action="store_true", help="raise with a traceback instead of a one-line error")
+    return parser
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The timm model with the checkpoint's weights loaded, and the checkpoint metadata."""
+    if args.checkpoint:
+        model, metadata, path = create_model_from_checkpoint(
+            args.checkpoint, model_name=args.model, num_classes=args.num_classes, use_ema=args.use_ema,
+        )
+        metadata = {**metadata, "checkpoint": path}
+        return model, metadata
+    if not args.model:
+        raise CheckpointError("nothing to evaluate: give --checkpoint (or --model with --pretrained)")
+    if not timm.is_model(args.model):
+        raise CheckpointError(f"unknown timm architecture {args.model!r}")
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    return timm.create_model(args.model, pretrained=args.pretrained, **kwargs), {}
+
+
+def resolve_eval_config(args: argparse.Namespace, model: torch.nn.Module, metadata: dict[str, Any]) -> dict[str, Any]:
+    """timm `resolve_data_config`: CLI flags > the checkpoint's data config > the model's pretrained_cfg.
+
+    A checkpoint without a data config but with its training args (timm / train.py
+    `.pth.tar`) gets the config those args resolved to when it was trained.
+    """
+    saved = metadata.get("data_config")
+    train_args = metadata.get("args")
+    if not saved and isinstance(train_args, dict):
+        saved = resolve_data_config({k: train_args.get(k) for k in DATA_ARGS}, model=model)
+    base = {**model.pretrained_cfg, **saved} if saved else None
+    return resolve_data_config(vars(args), pretrained_cfg=base, model=model)
+
+
+def resolve_runtime_args(args: argparse.Namespace, metadata: dict[str, Any]) -> None:
+    """Unset batch size / AMP / channels-last follow the checkpoint's training args (same numbers)."""
+    train_args = metadata.get("args") if isinstance(metadata.get("args"), dict) else {}
+    if args.batch_size is None:
+        args.batch_size = train_args.get("validation_batch_size") or train_args.get("batch_size") or DEFAULT_BATCH_SIZE
+    if args.amp is None:
+        args.amp = bool(train_args.get("amp", False))
+    if args.amp_dtype is None:
+        args.amp_dtype = train_args.get("amp_dtype") if train_args.get("amp_dtype") in ("bfloat16", "float16") else "bfloat16"
+    if args.channels_last is None:
+        args.channels_last = bool(train_args.get("channels_last", False))
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def build_dataset(args: argparse.Namespace, transform, metadata: dict[str, Any]) -> torch.utils.data.Dataset:
+    """train.py's datasets (`we_timm.data`): `digits`, or a timm dataset / image folder under `--data-dir`.
+
+    Without `--dataset` and `--data-dir`, the checkpoint's training data is used.
+    """
+    train_args = metadata.get("args") if isinstance(metadata.get("args"), dict) else {}
+    if not args.dataset and not args.data_dir and (train_args.get("dataset") or train_args.get("data_dir")):
+        args.dataset, args.data_dir = train_args.get("dataset") or "", train_args.get("data_dir")
+        _logger.info("evaluating on the checkpoint's training data: %s", args.dataset or args.data_dir)
+    if args.dataset != DIGITS:
+        if not args.data_dir:
+            raise DataError("no data: give --data-dir (an image folder) or --dataset (e.g. digits)")
+        if not os.path.isdir(args.data_dir):
+            raise DataError(f"data dir not found: {args.data_dir}")
+    kwargs = {"class_map": args.class_map} if args.class_map else {}
+    try:
+        dataset = create_dataset(args.dataset, args.data_dir, args.split, is_training=False, num_samples=args.num_samples, **kwargs)
+        probe_dataset(dataset, args.split)
+    except ValueError as e:  # we_timm.data: one-line messages for missing / empty / unknown data
+        raise DataError(str(e)) from None
+    if len(dataset) == 0:
+        raise DataError(f"dataset is empty: {args.data_dir or args.dataset} (split {args.split!r})")
+    dataset.transform = transform
+    return dataset
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def evaluate(model, loader, accelerator: Accelerator, *, channels_last: bool = False, progress: bool = True) -> dict[str, float]:
+    """Top-1/top-5 (%) and mean cross-entropy over every sample exactly once, on all processes.
+
+    The computation of train.py's `evaluate` (so its reported numbers reproduce):
+    logits and targets gathered per step (`gather_for_metrics` drops the padded
+    duplicates of the last batch), float64 sums of per-batch loss sums and of
+    top-k hits, divided by the sample count.
+    """
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss sum, top-1 hits, top-5 hits, samples
+    bar = tqdm(loader, desc="validate", disable=not (progress and accelerator.is_local_main_process), leave=False)
+    for inputs, target in bar:
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            output = model(inputs)
+        output = output[0] if isinstance(output, (tuple, list)) else output
+        output, target = accelerator.gather_for_metrics((output.float(), target))
+        if int(target.max()) >= output.shape[-1] or int(target.min()) < 0:
+            raise DataError(f"label {int(target.max())} out of range for a model with {output.shape[-1]} classes")
+        hits = output.topk(min(5, output.shape[-1]), dim=-1).indices.eq(target[:, None])
+        totals += torch.stack([
+            F.cross_entropy(output, target, reduction="sum").double(),
+            hits[:, 0].sum().double(), hits.any(-1).sum().double(), totals.new_tensor(float(target.numel())),
+        ])
+    n = totals[3].item()
+    if n == 0:
+        raise DataError("no samples were evaluated")
+    return {"loss": totals[0].item() / n, "top1": 100.0 * totals[1].item() / n, "top5": 100.0 * totals[2].item() / n, "num_samples": int(n)}
+
+
+def write_results(results: dict[str, Any], path: str, fmt: str) -> None:
+    """Append a CSV row (header when new) or write a JSON object."""
+    if fmt == "json":
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+        return
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(results))
+        if new:
+            writer.writeheader()
+        writer.writerow(results)
+
+
+def _accelerator(args: argparse.Namespace) -> Accelerator:
+    precision = {"bfloat16": "bf16", "float16": "fp16"}[args.amp_dtype] if args.amp else "no"
+    return Accelerator(mixed_precision=precision, cpu=args.cpu)
+
+
+def validate(args: argparse.Namespace) -> dict[str, Any]:
+    """Build, evaluate, report; raises CheckpointError / DataError on bad inputs."""
+    model, metadata = build_model(args)
+    resolve_runtime_args(args, metadata)
+    accelerator = _accelerator(args)
+    param_count = sum(p.numel() for p in model.parameters())
+    data_config = resolve_eval_config(args, model, metadata)
+    transform = create_transform(**data_config, is_training=False)
+    dataset = build_dataset(args, transform, metadata)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, drop_last=False)
+    # Only the loader is prepared (sharded per process); evaluation needs no DDP wrapper.
+    model = model.to(accelerator.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    loader = accelerator.prepare(loader)
+    start = time.perf_counter()
+    metrics = evaluate(model, loader, accelerator, channels_last=args.channels_last, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    results = {
+        "model": model_name(model),
+        "checkpoint": metadata.get("checkpoint", ""),
+        "epoch": metadata.get("epoch"),
+        "ema": bool(metadata.get("ema", False)),
+        "top1": metrics["top1"],
+        "top1_err": round(100 - metrics["top1"], 4),
+        "top5": metrics["top5"],
+        "top5_err": round(100 - metrics["top5"], 4),
+        "loss": metrics["loss"],
+        "num_samples": metrics["num_samples"],
+        "param_count": round(param_count / 1e6, 4),
+        "img_size": data_config["input_size"][-1],
+        "crop_pct": data_config["crop_pct"],
+        "interpolation": data_config["interpolation"],
+        "images_per_sec": round(metrics["num_samples"] / max(seconds, 1e-9), 2),
+        "num_processes": accelerator.num_processes,
+    }
+    if accelerator.is_main_process:
+        if args.results_file:
+            write_results(results, args.results_file, args.results_format)
+        print(f"--result\n{json.dumps(results, indent=4)}")
+    return results
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run `validate(args)`; bad inputs become `SystemExit("error: <one line>")` unless `--debug`."""
+    try:
+        return validate(args)
+    except (CheckpointError, DataError, OSError) as e:
+        if args.debug:
+            raise
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    main(get_args_parser().parse_args())

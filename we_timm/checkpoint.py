@@ -1,0 +1,450 @@
+"""Model checkpoints: atomic safetensors writes with JSON metadata, tolerant reads.
+
+`save_safetensors` / `load_weights` are the release format of `train.py`: a
+`.safetensors` file whose str->str header holds JSON-encoded metadata
+(architecture, num_classes, data_config, WE config, epoch, metrics, args, ema).
+`load_weights` also reads timm training checkpoints (`.pth`, `.pth.tar`, `.bin`)
+through `torch.load(weights_only=True)`, unwrapped like timm's `load_state_dict`.
+
+`create_model_from_checkpoint` rebuilds the timm model a checkpoint describes
+(validate.py, `python -m we_timm.export`).
+
+Every failure a user can cause (missing file, directory, not a checkpoint,
+truncated or corrupt file, wrong architecture) raises `CheckpointError` whose
+message is one line naming the path, so CLIs can print it and exit non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import secrets
+from typing import Any, Callable, Mapping
+
+import torch
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointError",
+    "atomic_save",
+    "create_model_from_checkpoint",
+    "describe_mismatch",
+    "ema_sibling",
+    "is_safetensors_file",
+    "load_into_model",
+    "load_weights",
+    "model_name",
+    "read_metadata",
+    "resolve_weights_file",
+    "save_safetensors",
+]
+
+# timm's training checkpoints nest the weights under one of these keys (timm `load_state_dict`).
+_EMA_KEYS = ("state_dict_ema", "model_ema")
+_PLAIN_KEYS = ("state_dict", "model")
+_MAX_LISTED = 8  # keys named in a mismatch message before "... (+N more)"
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be read, written or loaded; the message is one user-facing line."""
+
+    def __init__(self, message: str):
+        super().__init__(_one_line(message))
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _detail(e: BaseException, limit: int = 160) -> str:
+    """First sentence of an underlying error, on one line, at most `limit` characters."""
+    text = _one_line(e) or type(e).__name__
+    text = text.split(". ")[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Run `write(tmp)` on a temp file beside `path`, fsync it, then `os.replace` it in place.
+
+    Readers never see a half-written checkpoint: either the old file or the new one.
+    """
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"cannot save {path}: directory {parent} does not exist")
+    tmp = _create_temp(parent, os.path.basename(path))
+    mode = os.stat(tmp).st_mode & 0o777  # what the umask allows
+    try:
+        write(tmp)
+        st = os.stat(tmp)
+        if st.st_mode & 0o777 != mode and st.st_nlink == 1:  # some writers (safetensors) recreate the file 0600
+            os.chmod(tmp, mode)
+        with open(tmp, "r+b") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(parent)
+
+
+def _create_temp(folder: str, name: str) -> str:
+    """An empty hidden file beside the target, created with the umask's permissions.
+
+    (`tempfile.mkstemp` would make it 0600, and the checkpoint unreadable to others.)
+    """
+    while True:
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _fsync_dir(path: str) -> None:
+    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _dealias(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, none sharing storage (safetensors refuses tied/aliased tensors).
+
+    Tied weights (e.g. an embedding reused as a head) are cloned so every key keeps
+    its own copy and the file loads back with `strict=True`.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[str, int]] = set()
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict[{name!r}] is a {type(t).__name__}, not a tensor")
+        t = t.detach().contiguous()
+        ptr = (str(t.device), t.untyped_storage().data_ptr())
+        if ptr in seen and t.numel() > 0:
+            t = t.clone()
+            ptr = (str(t.device), t.untyped_storage().data_ptr())
+        seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    """JSON-encode every value for the safetensors str->str header."""
+    out = {}
+    for key, value in (metadata or {}).items():
+        try:
+            out[str(key)] = json.dumps(value, sort_keys=True)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"checkpoint metadata {key!r} is not JSON-serialisable: {e}") from e
+    return out
+
+
+def decode_metadata(header: Mapping[str, str] | None) -> dict[str, Any]:
+    """Inverse of `encode_metadata`; values that are not JSON (foreign files) stay strings."""
+    out = {}
+    for key, value in (header or {}).items():
+        try:
+            out[key] = json.loads(value)
+        except (TypeError, ValueError):
+            out[key] = value
+    return out
+
+
+def save_safetensors(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None) -> None:
+    """Atomically write `state_dict` as safetensors with JSON-encoded `metadata` values."""
+    from safetensors.torch import save_file
+
+    tensors = _dealias(state_dict)
+    header = encode_metadata(metadata)
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save(obj, path)` through a temp file + fsync + `os.replace`."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def is_safetensors_file(path: str | os.PathLike) -> bool:
+    """True if the file starts like safetensors: an 8-byte little-endian length, then `{`."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= os.path.getsize(path) - 8
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint is a directory, not a file: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Decoded metadata of a safetensors file (header only; no tensors read)."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    _check_file(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return decode_metadata(f.metadata())
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"corrupt, truncated or not a safetensors checkpoint: {path} ({_detail(e)})") from e
+
+
+def _load_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    metadata = read_metadata(path)
+    try:
+        state_dict = load_file(path, device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"corrupt or truncated safetensors checkpoint: {path} ({_detail(e)})") from e
+    return state_dict, metadata
+
+
+def _torch_load(path: str) -> Any:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive (PK\x03\x04); legacy files start with a pickle protocol byte.
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
+        raise CheckpointError(f"not a checkpoint: {path} is neither safetensors nor a PyTorch file")
+    try:
+        # timm training checkpoints store `args` as an argparse.Namespace (timm `_torch_load`).
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointError(f"corrupt or truncated PyTorch checkpoint: {path} ({_detail(e)})") from e
+        try:  # zip checkpoints only; legacy or truncated files cannot be scanned
+            unsafe = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or "unknown"
+        except Exception:
+            unsafe = "unknown; the file may also be truncated"
+        raise CheckpointError(f"refusing to unpickle {path}: it holds objects other than tensors ({unsafe}); weights_only=True") from e
+    except Exception as e:
+        raise CheckpointError(f"corrupt or truncated PyTorch checkpoint: {path} ({_detail(e)})") from e
+
+
+def _clean_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Strip DDP `module.` and torch.compile `_orig_mod.` prefixes (timm `clean_state_dict`)."""
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def _torch_metadata(ckpt: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """What a timm training checkpoint tells about itself, in our metadata's names."""
+    meta: dict[str, Any] = {"format": "torch", "ema": key in _EMA_KEYS}
+    if isinstance(ckpt.get("arch"), str):
+        meta["architecture"] = ckpt["arch"]
+    if isinstance(ckpt.get("epoch"), int):
+        meta["epoch"] = ckpt["epoch"]
+    args = ckpt.get("args")
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if isinstance(args, dict):
+        meta["args"] = args
+        if isinstance(args.get("num_classes"), int):
+            meta["num_classes"] = args["num_classes"]
+        if isinstance(args.get("model"), str):  # train.py's training state has no `arch`
+            meta.setdefault("architecture", args["model"])
+    return meta
+
+
+def _unwrap(ckpt: Any, path: str, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"not a model checkpoint: {path} holds a {type(ckpt).__name__}, not a state_dict")
+    key = ""
+    if use_ema:
+        key = next((k for k in _EMA_KEYS if ckpt.get(k) is not None), "")
+    if not key:
+        key = next((k for k in _PLAIN_KEYS if isinstance(ckpt.get(k), Mapping)), "")
+    if use_ema and key not in _EMA_KEYS:
+        _logger.warning("no EMA weights in %s; using its %s", path, key or "top-level state_dict")
+    state_dict = ckpt[key] if key else ckpt
+    meta = _torch_metadata(ckpt, key) if key else {"format": "torch", "ema": False}
+    if not isinstance(state_dict, Mapping) or not state_dict:
+        raise CheckpointError(f"not a model checkpoint: {path} has no weights")
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"not a model checkpoint: {path} has non-tensor entries {_listing(bad)}")
+    return _clean_keys(state_dict), meta
+
+
+def load_weights(path: str | os.PathLike, *, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read `(state_dict, metadata)` from a safetensors or timm/PyTorch checkpoint on CPU.
+
+    safetensors is detected by extension or by content; its metadata values are
+    JSON-decoded. Other files go through `torch.load(weights_only=True)` and are
+    unwrapped from `state_dict_ema`/`model_ema` (with `use_ema`), `state_dict` or
+    `model`; their metadata is what the file says about itself (architecture,
+    epoch, args). `module.`/`_orig_mod.` prefixes are stripped.
+    """
+    path = os.fspath(path)
+    _check_file(path)
+    if path.endswith(".safetensors") or is_safetensors_file(path):
+        state_dict, metadata = _load_safetensors(path)
+        if not state_dict:
+            raise CheckpointError(f"not a model checkpoint: {path} holds no tensors")
+        return _clean_keys(state_dict), metadata
+    return _unwrap(_torch_load(path), path, use_ema)
+
+
+def ema_sibling(path: str | os.PathLike) -> str:
+    """`run/model_best.safetensors` -> `run/model_best_ema.safetensors` (train.py's EMA naming)."""
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}_ema{ext}"
+
+
+# ----------------------------------------------------------------------------- loading into a model
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    more = f", ... (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return f"[{shown}{more}]"
+
+
+def model_name(model: torch.nn.Module) -> str:
+    """timm architecture name if known (pretrained_cfg), else the class name."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def describe_mismatch(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True) -> str:
+    """'' if `state_dict` fits `model`, else 'missing keys [...]; unexpected [...]; shape mismatch ...'."""
+    expected = model.state_dict()
+    parts = []
+    if strict:
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if missing:
+            parts.append(f"missing keys {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_listing(unexpected)}")
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if shapes:
+        parts.append(f"shape mismatch {_listing(shapes)[1:-1]}")
+    return "; ".join(parts)
+
+
+def load_into_model(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
+    """`model.load_state_dict` that fails with one `CheckpointError` line naming every mismatch.
+
+    Shapes are checked even with `strict=False` (torch would raise anyway);
+    checkpoint shapes are listed first, model shapes second.
+    """
+    problem = describe_mismatch(model, state_dict, strict=strict)
+    if problem:
+        raise CheckpointError(f"checkpoint does not match model {model_name(model)}: {problem}")
+    result = model.load_state_dict(state_dict, strict=strict)
+    if not strict and (result.missing_keys or result.unexpected_keys):
+        _logger.warning(
+            "non-strict load into %s: missing %s; unexpected %s",
+            model_name(model), _listing(result.missing_keys), _listing(result.unexpected_keys),
+        )
+
+
+# ----------------------------------------------------------------------------- model from a checkpoint
+
+
+def resolve_weights_file(path: str | os.PathLike, *, use_ema: bool = False) -> str:
+    """The file holding the requested weights: `path`, or its `_ema` sibling for `use_ema`.
+
+    train.py releases EMA weights as `<name>_ema.safetensors` (metadata `ema=true`);
+    a timm `.pth` keeps them inside the same file (`state_dict_ema`).
+    """
+    path = os.fspath(path)
+    _check_file(path)
+    if not use_ema or not (path.endswith(".safetensors") or is_safetensors_file(path)):
+        return path
+    if read_metadata(path).get("ema") is True:
+        return path
+    sibling = ema_sibling(path)
+    if not os.path.isfile(sibling):
+        raise CheckpointError(f"no EMA weights for {path}: it is not an EMA checkpoint and {sibling} does not exist")
+    return sibling
+
+
+def _head_size(name: str, state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """Class count read off the classifier weight of a checkpoint without metadata (timm .pth)."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(name, allow_unregistered=True)
+    head = cfg.classifier if cfg is not None else None
+    weight = state_dict.get(f"{head}.weight") if isinstance(head, str) else None
+    return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
+
+
+def create_model_from_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    use_ema: bool = False,
+    **model_kwargs: Any,
+) -> tuple[torch.nn.Module, dict[str, Any], str]:
+    """Build the timm model a checkpoint describes and load its weights: `(model, metadata, file)`.
+
+    Architecture, class count and `model_kwargs` come from the metadata unless given
+    (a metadata-free checkpoint's class count is read off its classifier weight).
+    A mismatch (other architecture or class count) raises `CheckpointError` naming keys.
+    """
+    import timm
+
+    path = resolve_weights_file(path, use_ema=use_ema)
+    state_dict, metadata = load_weights(path, use_ema=use_ema)
+    if use_ema and metadata.get("ema") is not True:
+        raise CheckpointError(f"no EMA weights in {path}")
+    name = model_name or metadata.get("architecture")
+    if not name:
+        raise CheckpointError(f"{path} does not record its architecture; pass the model name (--model)")
+    if model_name and metadata.get("architecture") not in (None, model_name):
+        _logger.warning("checkpoint %s was trained as %s, building %s", path, metadata["architecture"], model_name)
+    if not timm.is_model(name):
+        raise CheckpointError(f"unknown timm architecture {name!r} (checkpoint {path})")
+    kwargs = {**(metadata.get("model_kwargs") or {}), **model_kwargs}
+    classes = num_classes if num_classes is not None else metadata.get("num_classes", _head_size(name, state_dict))
+    if classes is not None:
+        kwargs["num_classes"] = int(classes)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        load_into_model(model, state_dict)
+    except CheckpointError as e:
+        saved = {k: metadata[k] for k in ("architecture", "num_classes") if k in metadata}
+        hint = f" (the checkpoint records {', '.join(f'{k}={v}' for k, v in saved.items())})" if saved else ""
+        raise CheckpointError(f"{path}: {e}{hint}") from None
+    return model, metadata, path

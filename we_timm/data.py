@@ -1,0 +1,187 @@
+"""Datasets for train.py: the built-in offline `digits` set and timm's datasets.
+
+`digits` is scikit-learn's bundled 8x8 handwritten digits (1797 images, 10
+classes; no download): each image becomes a grayscale-as-RGB PIL image,
+upsampled to `image_size` pixels so timm's transforms (random resized crop,
+flips, AutoAugment, normalisation) apply as to any photo. The train /
+validation split is stratified and fixed by `split_seed`, so every run, rank
+and resume sees the same images in each split.
+
+Everything else goes through `timm.data.create_dataset`: ImageFolder / ImageTar
+for an empty name (or "imagefolder"), `torch/cifar10`, `hfds/...`, ... .
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch.utils.data
+from PIL import Image
+
+_logger = logging.getLogger(__name__)
+
+DIGITS = "digits"
+FOLDER_NAMES = ("", "folder", "imagefolder")  # timm's ImageFolder / ImageTar reader
+TRAIN_SPLITS = ("train", "training")
+EVAL_SPLITS = ("validation", "val", "valid", "eval", "test")
+DIGITS_IMAGE_SIZE = 32  # digits are upsampled from 8 px so that crops and AutoAugment have room to act
+DIGITS_VAL_FRACTION = 0.2  # 80/20 stratified split: 1437 train / 360 validation images
+DIGITS_SPLIT_SEED = 0  # fixed split, independent of --seed (which only drives training randomness)
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """One split of scikit-learn's digits as `(PIL RGB image, int label)` pairs.
+
+    timm's `create_loader` sets `.transform`; `.classes` and `.targets` follow
+    torchvision's datasets.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        image_size: int = DIGITS_IMAGE_SIZE,
+        val_fraction: float = DIGITS_VAL_FRACTION,
+        split_seed: int = DIGITS_SPLIT_SEED,
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+    ):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        split = split.lower()
+        if split not in TRAIN_SPLITS + EVAL_SPLITS:
+            raise ValueError(f"digits has splits 'train' and 'validation', not {split!r}")
+        if image_size < 8:
+            raise ValueError(f"digits image_size must be >= 8, got {image_size}")
+        data = load_digits()
+        index = np.arange(len(data.target))
+        train_idx, val_idx = train_test_split(
+            index, test_size=val_fraction, random_state=split_seed, stratify=data.target
+        )
+        keep = np.sort(train_idx if split in TRAIN_SPLITS else val_idx)
+        # 0..16 ink levels -> 0..255 grey levels
+        self.images = np.round(data.images[keep] * (255.0 / 16.0)).astype(np.uint8)
+        self.targets = [int(t) for t in data.target[keep]]
+        self.classes = [str(c) for c in range(10)]
+        self.split = split
+        self.image_size = image_size
+        self.transform = transform
+        self.target_transform = target_transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        img = Image.fromarray(self.images[index], mode="L").convert("RGB")
+        img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
+        target = self.targets[index]
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+
+class HeadSubset(torch.utils.data.Dataset):
+    """The first `num_samples` items of a map-style dataset.
+
+    Unlike `torch.utils.data.Subset`, setting `.transform` (as timm's
+    `create_loader` does) reaches the wrapped dataset.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, num_samples: int):
+        self.dataset = dataset
+        self.num_samples = min(int(num_samples), len(dataset))
+
+    @property
+    def transform(self) -> Callable | None:
+        return getattr(self.dataset, "transform", None)
+
+    @transform.setter
+    def transform(self, value: Callable | None) -> None:
+        self.dataset.transform = value
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> Any:
+        if not -self.num_samples <= index < self.num_samples:
+            raise IndexError(index)
+        return self.dataset[index % self.num_samples]
+
+
+def num_classes_of(dataset: Any) -> int | None:
+    """Class count a dataset declares (torchvision `classes`, timm readers' `class_to_idx`), else None."""
+    for obj in (dataset, getattr(dataset, "dataset", None), getattr(dataset, "reader", None)):
+        if obj is None:
+            continue
+        for attr in ("classes", "class_to_idx"):
+            value = getattr(obj, attr, None)
+            if isinstance(value, (Sequence, dict)) and not isinstance(value, str) and len(value) > 0:
+                return len(value)
+        reader = getattr(obj, "reader", None)
+        if reader is not None and getattr(reader, "class_to_idx", None):
+            return len(reader.class_to_idx)
+    return None
+
+
+def probe_dataset(dataset: Any, split: str) -> None:
+    """Read one sample before anything is written: unreadable data is a one-line ValueError, not a traceback mid-run."""
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not len(dataset):
+        return
+    try:
+        dataset[0]  # timm's ImageDataset skips a few bad files itself and raises when too many fail in a row
+    except (OSError, RuntimeError, ValueError) as e:
+        first = f" from {dataset.filename(0, absolute=True)} on" if hasattr(dataset, "filename") else ""
+        raise ValueError(f"cannot read split {split!r} of the data{first}: {' '.join(str(e).split())[:200]}") from None
+
+
+def create_dataset(
+    name: str,
+    root: str | None,
+    split: str,
+    *,
+    is_training: bool,
+    image_size: int = DIGITS_IMAGE_SIZE,
+    num_samples: int | None = None,
+    **timm_kwargs: Any,
+) -> torch.utils.data.Dataset:
+    """`digits` or anything `timm.data.create_dataset` knows, optionally cut to `num_samples`.
+
+    Failures a user can cause (missing folder, dataset not on disk, unknown
+    split) raise `ValueError` with a one-line message.
+    """
+    if name == DIGITS:
+        dataset = DigitsDataset(split, image_size=image_size)
+    else:
+        dataset = _timm_dataset(name, root, split, is_training, timm_kwargs)
+    if num_samples is not None and isinstance(dataset, torch.utils.data.Dataset) and hasattr(dataset, "__len__"):
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        dataset = HeadSubset(dataset, num_samples)
+    return dataset
+
+
+def _timm_dataset(name: str, root: str | None, split: str, is_training: bool, kwargs: dict[str, Any]) -> Any:
+    from timm.data import create_dataset as timm_create_dataset
+
+    if not root:
+        raise ValueError(f"dataset {name or 'ImageFolder'} needs a root folder (--data-dir)")
+    name = "" if name.lower() in FOLDER_NAMES else name
+    if root and not os.path.isdir(root):
+        raise ValueError(f"--data-dir {root} is not a directory")
+    try:
+        dataset = timm_create_dataset(name, root=root, split=split, is_training=is_training, **kwargs)
+    except (RuntimeError, FileNotFoundError, AssertionError, ValueError, OSError, ImportError) as e:
+        what = name or "ImageFolder"
+        raise ValueError(f"cannot load dataset {what} split {split!r} from {root}: {_first_line(e)}") from e
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(f"dataset {name or 'ImageFolder'} split {split!r} under {root} holds no images")
+    return dataset
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

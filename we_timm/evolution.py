@@ -1,0 +1,211 @@
+"""`WeightEvolution`: the epoch-end plug-in that evolves inferior filters."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import official, ops
+from .config import WEConfig
+from .discovery import Unit, count_conv2d, discover, unwrap_model
+from .schedule import selection_rate
+
+_log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class Member(NamedTuple):
+    """A unit at step start: its float32 (n, S, K) weights and filter importances."""
+
+    unit: Unit
+    w: Tensor
+    l1: Tensor  # ||W_j||_1
+    imp: Tensor  # average L1, Eq. (1)
+
+
+@dataclass
+class WEStats:
+    """What one `step` did."""
+
+    epoch: int
+    rates: dict[str, float] = field(default_factory=dict)  # selection rate used per pool
+    selected: dict[str, int] = field(default_factory=dict)  # inferior filters evolved per pool
+    inferior: dict[str, int] = field(default_factory=dict)  # param name -> inferior filters evolved
+    changed: int = 0  # parameter elements whose value changed
+    abs_change_sum: float = 0.0
+    skipped: list[str] = field(default_factory=list)  # params skipped for non-finite values
+
+    @property
+    def mean_abs_change(self) -> float:
+        """Mean |new - old| over the changed elements (0 when none changed)."""
+        return self.abs_change_sum / self.changed if self.changed else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat scalars for `summary.csv` / logging."""
+        d: dict[str, Any] = {}
+        for pool, r in self.rates.items():
+            d[f"we_rate_{pool}"] = r
+        for pool, n in self.selected.items():
+            d[f"we_selected_{pool}"] = n
+        d["we_inferior"] = sum(self.inferior.values())
+        d["we_changed"] = self.changed
+        d["we_mean_abs_change"] = self.mean_abs_change
+        return d
+
+
+class WeightEvolution:
+    """Evolves inferior conv / norm (/ linear) filters of `model` after each epoch.
+
+    Usage: ``we = WeightEvolution(model, WEConfig(...)); stats = we.step(epoch)``.
+    `model` may be wrapped by DDP, `torch.compile` or Accelerate: the wrapped
+    module is unwrapped and its parameters are edited in place under
+    `torch.no_grad()`, in float32, identically on every rank.
+    """
+
+    def __init__(self, model: nn.Module, config: WEConfig | None = None):
+        self.config = config or WEConfig()
+        self.model = unwrap_model(model)
+        self.units: list[Unit] = discover(self.model, self.config)
+        self.pools = ("conv", "norm", "bias") if self.config.variant == "official" else ("conv", "linear", "norm", "bias")
+        self.counters = {pool: 0 for pool in self.pools}  # official variant's per-pool counters
+        self.ln_per = count_conv2d(self.model) / self.config.ln_c
+        self.last_epoch: int | None = None
+        self.num_steps = 0
+        self._layouts: dict[tuple[int, ...], ops.RowLayout] = {}
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "config": self.config.to_dict(),
+            "counters": dict(self.counters),
+            "last_epoch": -1 if self.last_epoch is None else self.last_epoch,
+            "num_steps": self.num_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = WEConfig.from_dict(state["config"])
+        if saved.variant != self.config.variant:
+            raise ValueError(f"WE state is for variant {saved.variant!r}, this run uses {self.config.variant!r}")
+        if saved != self.config:
+            _log.warning("WE config differs from the checkpoint's: %s vs %s", self.config, saved)
+        self.counters = {pool: int(state["counters"].get(pool, 0)) for pool in self.pools}
+        last = int(state["last_epoch"])
+        self.last_epoch = None if last < 0 else last
+        self.num_steps = int(state["num_steps"])
+
+    # ------------------------------------------------------------------ step
+    def rates(self, epoch: int) -> dict[str, float]:
+        """Selection rate of each pool at `epoch` (Eq. 2)."""
+        return {pool: selection_rate(epoch, self.config, pool) for pool in self.pools}
+
+    @torch.no_grad()
+    def step(self, epoch: int) -> WEStats:
+        """Evolve the model once, after 0-based `epoch` finished; returns what changed."""
+        stats = WEStats(epoch=epoch, rates=self.rates(epoch))
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            by_pool = self._members(stats)
+            evolve = self._official_pool if self.config.variant == "official" else self._paper_pool
+            for pool, members in by_pool.items():
+                stats.selected[pool] = 0
+                if members:
+                    evolve(pool, members, stats.rates[pool], stats)
+        self.last_epoch = epoch
+        self.num_steps += 1
+        return stats
+
+    def _members(self, stats: WEStats) -> dict[str, list[Member]]:
+        """Each pool's units with step-start weights; layers holding NaN/inf are skipped whole."""
+        read = []
+        bad_layers = set()
+        for unit in self.units:
+            w = unit.param.detach().float().reshape(unit.shape3)
+            l1 = ops.l1_norms(w)
+            if not bool(torch.isfinite(l1).all()):  # any NaN/inf element makes its filter's norm non-finite
+                bad_layers.add(unit.layer)
+            read.append(Member(unit, w, l1, l1 / w.shape[1]))  # Eq. (1): average L1
+        by_pool: dict[str, list[Member]] = {pool: [] for pool in self.pools}
+        for m in read:
+            if m.unit.layer in bad_layers:
+                _log.warning("weight evolution: skipping %s, its layer holds non-finite values", m.unit.name)
+                stats.skipped.append(m.unit.name)
+            else:
+                by_pool[m.unit.pool].append(m)
+        return by_pool
+
+    def _paper_pool(self, pool: str, members: list[Member], rate: float, stats: WEStats) -> None:
+        cfg = self.config
+        layout = self._layout(members)
+        imp = torch.cat([m.imp for m in members])
+        tbd = None if cfg.selection == "local" else layout.pad(ops.global_select(imp, rate), False)
+        gamma = None if cfg.selection == "global" else cfg.gamma
+        l1 = layout.pad(torch.cat([m.l1 for m in members]))
+        mask = ops.inferior_rows(l1, layout.valid, tbd, gamma)
+        rows, inf_col, dom_col = ops.match_rows(
+            layout.pad(imp), layout.valid, mask, layout.half, reverse=cfg.matching == "reverse"
+        )
+        inf_flat, dom_flat = layout.flat_index[rows, inf_col], layout.flat_index[rows, dom_col]
+        dom_by_unit = dict(layout.split(dom_flat))
+        for u, inf in layout.split(inf_flat):
+            unit, w, _, _ = members[u]
+            dom = dom_by_unit[u]
+            if cfg.level == "filter" or w.shape[1] * w.shape[2] == 1:
+                new = ops.crossover_filter(w, inf, dom, cfg.alpha)
+                self._write(unit, w[inf], (inf,), new, stats)
+            else:
+                r, s, q, new = ops.crossover_element(w, inf, dom, cfg.alpha)
+                self._write(unit, w[r, s, q], (r, s, q), new, stats)
+            self._count(unit, pool, int(inf.numel()), stats)
+
+    def _layout(self, members: list[Member]) -> ops.RowLayout:
+        """Row layout of a pool's members, cached while the same units take part."""
+        key = tuple(id(m.unit) for m in members)
+        if key not in self._layouts:
+            sizes = [(m.w.shape[0], m.unit.groups) for m in members]
+            self._layouts[key] = ops.RowLayout(sizes, device=members[0].w.device)
+        return self._layouts[key]
+
+    def _official_pool(self, pool: str, members: list[Member], rate: float, stats: WEStats) -> None:
+        cfg = self.config
+        th = official.threshold([m.imp for m in members], rate)
+        for unit, w, _, imp in members:
+            c, self.counters[pool] = official.layer_count(imp, th, cfg.gamma, self.counters[pool], self.ln_per)
+            if c <= 0:
+                continue
+            inf, dom = official.pairs(imp, c)
+            if inf.numel() == 0:
+                continue
+            wi, wd = w[inf], w[dom]
+            whole = pool != "conv" or unit.one_by_one
+            new = official.crossover_whole(wi, wd) if whole else official.crossover_slices(wi, wd)
+            self._write(unit, wi, (inf,), new, stats)
+            self._count(unit, pool, int(inf.numel()), stats)
+
+    # --------------------------------------------------------------- helpers
+    @staticmethod
+    def _count(unit: Unit, pool: str, n: int, stats: WEStats) -> None:
+        stats.selected[pool] += n
+        stats.inferior[unit.name] = stats.inferior.get(unit.name, 0) + n
+
+    @staticmethod
+    def _write(unit: Unit, old: Tensor, idx: tuple[Tensor, ...], vals: Tensor, stats: WEStats) -> None:
+        """Store float32 `vals` at `idx` of the unit's (n, S, K) view, cast to the param's dtype.
+
+        `old` holds the step-start float32 values at `idx`; only the touched
+        positions are compared and written.
+        """
+        p = unit.param.detach()
+        new = vals.to(p.dtype)
+        diff = new != old.to(p.dtype)
+        stats.changed += int(diff.sum())
+        stats.abs_change_sum += float((new.float() - old).abs()[diff].sum())
+        if p.is_contiguous():
+            p.view(unit.shape3)[idx] = new
+        else:  # e.g. channels_last conv weights: edit a copy, write back through the strides
+            buf = p.reshape(unit.shape3).clone()
+            buf[idx] = new
+            p.copy_(buf.view(p.shape))
