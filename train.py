@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType, gather_object, is_tensorboard_available
 from timm import utils
 from timm.data import Mixup, create_loader, resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -324,6 +324,8 @@ def resolve_args(args: argparse.Namespace) -> None:
         (not (mixup_active(args) and args.batch_size % 2), f"mixup needs an even --batch-size, not {args.batch_size}"),
         (not args.data_dir or os.path.isdir(args.data_dir), f"--data-dir {args.data_dir} is not a directory"),
         (args.dataset == "digits" or args.data_dir, f"--dataset {args.dataset or 'imagefolder'} needs --data-dir"),
+        (not args.log_tensorboard or is_tensorboard_available(),
+         "--log-tensorboard needs tensorboard: pip install 'we_timm[tensorboard]'"),
     ]
     for flag in ("resume", "initial_checkpoint", "pretrained_path", "class_map"):
         path = getattr(args, flag)

@@ -20,7 +20,7 @@ import torch
 
 import train
 import validate
-from test_train import DIGITS, ROOT, TINY, digits_run, make_image_folder, run_train  # noqa: F401  (digits_run: fixture)
+from test_train import DIGITS, ROOT, TINY, digits_run, make_image_folder, run_train, subprocess_env  # noqa: F401  (digits_run: fixture)
 from test_validate import _args, _model, image_dir, run_dir  # noqa: F401  (fixtures)
 from we_timm.checkpoint import atomic_save, load_weights, save_safetensors
 from we_timm.run_io import STATE_FORMAT
@@ -143,7 +143,7 @@ def test_train_cli_process_exit_status_and_stderr(tmp_path: Path):
     """The real process: exit status 1, stderr ends with the one `error:` line, no traceback (--debug: the exception)."""
     argv, _ = _train_case(tmp_path, "resume_other_model")
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--epochs", "1", *argv, "--output", str(tmp_path / "out")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: checkpoint does not match model test_efficientnet")
@@ -152,6 +152,14 @@ def test_train_cli_process_exit_status_and_stderr(tmp_path: Path):
     with pytest.raises(Exception, match="does not match model test_efficientnet") as e:  # --debug: the exception itself
         train.cli([*cmd[2:], "--debug"])
     assert not isinstance(e.value, SystemExit)
+
+
+def test_train_tensorboard_missing_is_one_line_error(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(train, "is_tensorboard_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        train.cli([*TINY, "--epochs", "1", "--log-tensorboard", "--output", str(tmp_path / "out")])
+    assert str(e.value.code) == "error: --log-tensorboard needs tensorboard: pip install 'we_timm[tensorboard]'"
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_skips_a_single_corrupt_image(tmp_path: Path, caplog):
@@ -214,7 +222,7 @@ DIGITS_RUN_ARGS = [*TINY, *DIGITS, "--epochs", "3", "--weight-evolution", "--mod
 
 def test_sigkill_then_resume_is_bitwise_identical(digits_run: Path, tmp_path: Path):  # noqa: F811
     run = tmp_path / "out" / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *DIGITS_RUN_ARGS, "--output", str(tmp_path / "out"),
                              "--experiment", "killed"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

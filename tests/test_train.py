@@ -38,10 +38,16 @@ TINY = [
 DIGITS = ["--dataset", "digits", "--train-num-samples", "128", "--val-num-samples", "64"]
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment of every train.py subprocess. One intra-op thread each: runs that are compared bitwise
+    (uninterrupted vs killed + resumed) must use the same thread count, as reduction order depends on it."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
 def run_train(args: list[str], cwd: Path, launcher: list[str] | None = None, env: dict | None = None) -> str:
     """Run train.py (optionally under `accelerate launch`), assert success, return its combined output."""
     cmd = [*(launcher or [sys.executable]), str(ROOT / "train.py"), *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", **(env or {})}
+    env = subprocess_env(**(env or {}))
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{out[-4000:]}"
