@@ -43,7 +43,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from we_timm import WEConfig, WeightEvolution
+from we_timm import cli as we_cli
 from we_timm import run_io
+from we_timm.cli import ArgumentParser
 from we_timm.checkpoint import CheckpointError, is_safetensors_file, load_into_model, load_weights
 from we_timm.config import LAYER_KINDS, LEVELS, MATCHINGS, SELECTIONS, VARIANTS
 from we_timm.data import create_dataset, num_classes_of, probe_dataset
@@ -71,7 +73,7 @@ def _alpha(value: str):
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The full parser, unparsed (tests and tools reuse it)."""
-    parser = argparse.ArgumentParser(description="timm + Accelerate training with Weight Evolution")
+    parser = ArgumentParser(description="timm + Accelerate training with Weight Evolution")
     parser.add_argument("-c", "--config", default="", metavar="FILE", help="YAML file of argument defaults (CLI wins)")
     for add in (_data_args, _model_args, _optim_args, _sched_args, _aug_args, _ema_args, _we_args, _misc_args):
         add(parser)
@@ -292,7 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     Bad input raises ValueError. `--resume run/last.pth.tar` alone continues a run with its own settings.
     """
     parser = get_args_parser()
-    first = argparse.ArgumentParser(add_help=False)  # reads only the sources of defaults
+    first = ArgumentParser(add_help=False)  # reads only the sources of defaults
     first.add_argument("-c", "--config", default="")
     first.add_argument("--resume", default="")
     known, _ = first.parse_known_args(argv)
@@ -913,14 +915,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def cli(argv: list[str] | None = None) -> int:
     """Entry point: bad input ends with one `error: ...` line and exit status 1 (tracebacks with --debug)."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        main(parse_args(argv))
-    except (ValueError, CheckpointError, RankMismatchError) as e:
-        if "--debug" in argv:
-            raise
-        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
-    return 0
+    return we_cli.run(lambda a: main(parse_args(a)), argv, (ValueError, CheckpointError, RankMismatchError))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ from accelerate import Accelerator
 from timm.data import create_transform, resolve_data_config
 from tqdm import tqdm
 
+from we_timm import cli as we_cli
 from we_timm.checkpoint import CheckpointError, create_model_from_checkpoint, model_name
+from we_timm.cli import ArgumentParser, error_line
 from we_timm.data import DIGITS, create_dataset, probe_dataset
 
 _logger = logging.getLogger("validate")
@@ -48,7 +50,7 @@ class DataError(Exception):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Validate a we_timm / timm checkpoint", add_help=True)
+    parser = ArgumentParser(description="Validate a we_timm / timm checkpoint", add_help=True)
     group = parser.add_argument_group("Model")
     group.add_argument("--model", "-m", default=None, help="timm architecture; default: the checkpoint's metadata")
     group.add_argument("--checkpoint", default="", help=".safetensors (train.py) or timm .pth/.pth.tar weights")
@@ -260,9 +262,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     except (CheckpointError, DataError, OSError) as e:
         if args.debug:
             raise
-        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+        raise SystemExit(error_line(e)) from None
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Entry point: a malformed command line also ends with one `error: ...` line."""
+    return we_cli.run(lambda a: main(get_args_parser().parse_args(a)), argv, ())
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    main(get_args_parser().parse_args())
+    sys.exit(cli())

@@ -6,7 +6,6 @@ problem, no traceback, and no new run folder / results file. Cases already cover
 """
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -152,6 +151,29 @@ def test_train_cli_process_exit_status_and_stderr(tmp_path: Path):
     with pytest.raises(Exception, match="does not match model test_efficientnet") as e:  # --debug: the exception itself
         train.cli([*cmd[2:], "--debug"])
     assert not isinstance(e.value, SystemExit)
+
+
+USAGE_CASES = [  # argparse's own errors: one line (not usage + message), exit status 1
+    ("train.py", ["--epochs", "many"], r"^error: argument --epochs: invalid int value: 'many' \(see train.py --help\)$"),
+    ("train.py", ["--no-such-flag"], r"^error: unrecognized arguments: --no-such-flag"),
+    ("train.py", ["--we-variant", "fancy"], r"^error: argument --we-variant: invalid choice: 'fancy'"),
+    ("train.py", ["-c"], r"^error: argument -c/--config: expected one argument"),
+    ("validate.py", ["--checkpoint", "x.safetensors", "--batch-size", "big"], r"^error: argument --batch-size/-b: invalid int"),
+    ("validate.py", [], r"^error: nothing to evaluate: give --checkpoint"),
+    ("-m we_timm.export", ["--checkpoint", "x.safetensors"], r"^error: the following arguments are required: --output-dir"),
+]
+
+
+@pytest.mark.parametrize("script, argv, pattern", USAGE_CASES)
+def test_usage_errors_are_one_line(tmp_path: Path, script: str, argv: list[str], pattern: str):
+    target = ["-m", "we_timm.export"] if script.startswith("-m") else [str(ROOT / script)]
+    proc = subprocess.run([sys.executable, *target, *argv, "--output", str(tmp_path / "out")] if script == "train.py"
+                          else [sys.executable, *target, *argv], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env=subprocess_env())
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_tensorboard_missing_is_one_line_error(tmp_path: Path, monkeypatch):

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .cli import ArgumentParser, error_line, run
 from .checkpoint import CheckpointError, _atomic_write, create_model_from_checkpoint, save_safetensors
 
 _logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def _provenance(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Export a we_timm checkpoint as a timm / HF hub folder", add_help=True)
+    parser = ArgumentParser(prog="python -m we_timm.export", description="Export a we_timm checkpoint as a timm / HF hub folder", add_help=True)
     parser.add_argument("--checkpoint", required=True, help="train.py .safetensors (or a timm .pth/.pth.tar) checkpoint")
     parser.add_argument("--output-dir", required=True, help="folder to write config.json and model.safetensors into")
     parser.add_argument("--model", default=None, help="timm architecture; default: the checkpoint's metadata")
@@ -97,11 +98,11 @@ def main(args: argparse.Namespace) -> tuple[str, str]:
     except (CheckpointError, OSError, ValueError) as e:
         if args.debug:
             raise
-        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+        raise SystemExit(error_line(e)) from None
     _logger.info("exported %s (%s) to %s", path, model.pretrained_cfg.get("architecture"), args.output_dir)
     return paths
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    main(get_args_parser().parse_args())
+    sys.exit(run(lambda argv: main(get_args_parser().parse_args(argv)), None, ()))
