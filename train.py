@@ -23,7 +23,7 @@ import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import timm
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import DistributedType, gather_object, is_tensorboard_available
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, is_tensorboard_available
 from timm import utils
 from timm.data import Mixup, create_loader, resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -46,7 +46,8 @@ from we_timm import WEConfig, WeightEvolution
 from we_timm import cli as we_cli
 from we_timm import run_io
 from we_timm.cli import ArgumentParser
-from we_timm.checkpoint import CheckpointError, is_safetensors_file, load_into_model, load_weights
+from we_timm.checkpoint import (CheckpointError, is_safetensors_file, load_into_model, load_weights,
+                                remove_stale_temps)
 from we_timm.config import LAYER_KINDS, LEVELS, MATCHINGS, SELECTIONS, VARIANTS
 from we_timm.data import create_dataset, num_classes_of, probe_dataset
 
@@ -55,6 +56,51 @@ _logger = logging.getLogger("train")
 
 class RankMismatchError(RuntimeError):
     """Data-parallel ranks hold different parameters after a weight-evolution step."""
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: another process died, or stalled for longer than --dist-timeout."""
+
+
+_COLLECTIVE_FAILURE = ("gloo", "nccl", "processgroup", "connection reset", "connection closed", "timed out", "timeout")
+
+
+def as_distributed_error(e: RuntimeError, acc: Accelerator) -> RuntimeError:
+    """`e` as a one-line DistributedError when it is a failed collective of a multi-process run, else `e`."""
+    text = " ".join(str(e).split())
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if acc.num_processes < 2 or not (isinstance(e, dist_error) or any(k in text.lower() for k in _COLLECTIVE_FAILURE)):
+        return e
+    return DistributedError(
+        f"process {acc.process_index} of {acc.num_processes} stopped: a collective failed because another process "
+        f"died or stalled past --dist-timeout (checkpoints on disk are complete; --resume auto continues): {text[:300]}"
+    )
+
+
+class DataReadError(OSError):
+    """Samples could not be read mid-run (timm skips unreadable files, then gives up)."""
+
+
+def read_batches(loader: Any, what: str, acc: Accelerator):
+    """Iterate `loader`; an error raised while *fetching* a batch is a one-line DataReadError (or DistributedError)."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, RuntimeError) as e:
+            error = as_distributed_error(e, acc) if isinstance(e, RuntimeError) else e
+            if error is not e:
+                raise error from e
+            lines = [line for line in str(e).splitlines() if line.strip()]  # a worker's error ends with the cause
+            raise DataReadError(f"reading the {what} data failed: {lines[-1] if lines else type(e).__name__} "
+                                "(the warnings above name the unreadable files)") from e
+        yield batch
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite; raised on every rank before anything more is saved."""
 
 
 # ============================================================================ arguments
@@ -110,7 +156,9 @@ def _model_args(parser):
     g.add_argument("--initial-checkpoint", default="", type=str, metavar="PATH",
                    help="initialize model weights from this checkpoint (.safetensors or timm .pth)")
     g.add_argument("--resume", default="", type=str, metavar="PATH",
-                   help="resume the full training state from last.pth.tar / checkpoint-N.pth.tar")
+                   help="resume the full training state from last.pth.tar / checkpoint-N.pth.tar; a run folder or "
+                        '"auto" (the --output/--experiment folder) resumes its newest complete state, and "auto" '
+                        "starts the run if there is none yet")
     g.add_argument("--no-resume-opt", action="store_true", default=False,
                    help="do not restore optimizer state when resuming")
     g.add_argument("--num-classes", type=int, default=None, metavar="N",
@@ -228,6 +276,9 @@ def _aug_args(parser):
     g.add_argument("--bn-eps", type=float, default=None, help="BatchNorm epsilon override")
     g.add_argument("--dist-bn", type=str, default="reduce", choices=("reduce", "broadcast", ""),
                    help="share BN running stats across ranks each epoch")
+    g.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long a process waits for the others in a collective before failing "
+                        "(default: the backend's, 30 min for gloo, 10 min for NCCL)")
 
 
 def _ema_args(parser):
@@ -295,19 +346,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """
     parser = get_args_parser()
     first = ArgumentParser(add_help=False)  # reads only the sources of defaults
-    first.add_argument("-c", "--config", default="")
-    first.add_argument("--resume", default="")
+    for flag in ("-c/--config", "--resume", "--output", "--experiment"):
+        first.add_argument(*flag.split("/"), default="")
     known, _ = first.parse_known_args(argv)
-    if known.resume and os.path.isfile(known.resume):
-        saved = {k: v for k, v in load_state(known.resume, mmap=True).get("args", {}).items()
+    config = run_io.load_config(parser, known.config) if known.config else {}
+    resume = known.resume
+    if resume == "auto" or os.path.isdir(resume):
+        resume = find_resume(resume, known.output or config.get("output", ""),
+                             known.experiment or config.get("experiment", ""))
+    if resume != "auto" and os.path.isfile(resume):
+        saved = {k: v for k, v in load_state(resume, mmap=True).get("args", {}).items()
                  if k not in ("resume", "config", "start_epoch")}
-        parser.set_defaults(**run_io.config_defaults(parser, saved, f"arguments saved in {known.resume}", strict=False))
-    if known.config:
-        parser.set_defaults(**run_io.load_config(parser, known.config))
+        if not (known.output or known.experiment or "output" in config or "experiment" in config):
+            folder = os.path.dirname(os.path.abspath(resume))  # the run continues where its state is, even if moved
+            saved.update(output=os.path.dirname(folder), experiment=os.path.basename(folder))
+        parser.set_defaults(**run_io.config_defaults(parser, saved, f"arguments saved in {resume}", strict=False))
+    parser.set_defaults(**config)
     args = parser.parse_args(argv)
-    args.config = known.config
+    args.config, args.resume = known.config, resume
     resolve_args(args)
     return args
+
+
+def find_resume(resume: str, output: str, experiment: str) -> str:
+    """`--resume auto|FOLDER` -> the folder's newest complete training state; "auto" if there is none yet."""
+    if resume == "auto" and not experiment:
+        raise ValueError("--resume auto needs --experiment: it resumes the run folder <--output>/<--experiment>")
+    folder = os.path.join(output or "./output/train", experiment) if resume == "auto" else resume
+    path = run_io.newest_state(folder)
+    if path is None and resume != "auto":
+        raise ValueError(f"--resume {folder}: no readable last.pth.tar or checkpoint-N.pth.tar in this folder")
+    if path is None:
+        _logger.warning(f"--resume auto: no training state in {folder} yet; starting the run")
+    return path or "auto"
 
 
 def resolve_args(args: argparse.Namespace) -> None:
@@ -319,6 +390,7 @@ def resolve_args(args: argparse.Namespace) -> None:
     checks = [
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
+        (args.dist_timeout is None or args.dist_timeout > 0, f"--dist-timeout must be > 0, got {args.dist_timeout}"),
         (args.grad_accum_steps >= 1, f"--grad-accum-steps must be >= 1, got {args.grad_accum_steps}"),
         (args.log_interval >= 1, f"--log-interval must be >= 1, got {args.log_interval}"),
         (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
@@ -331,7 +403,8 @@ def resolve_args(args: argparse.Namespace) -> None:
     ]
     for flag in ("resume", "initial_checkpoint", "pretrained_path", "class_map"):
         path = getattr(args, flag)
-        checks.append((not path or os.path.isfile(path), f"--{flag.replace('_', '-')} {path}: no such file"))
+        ok = not path or os.path.isfile(path) or (flag == "resume" and path == "auto")
+        checks.append((ok, f"--{flag.replace('_', '-')} {path}: no such file"))
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -481,6 +554,8 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
             project_dir=args.output or "./output/train",  # the run folder is set once created (make_output_dir)
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
             step_scheduler_with_optimizer=False,
+            kwargs_handlers=[] if args.dist_timeout is None else [
+                InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))],
         )
     except (ValueError, RuntimeError) as e:
         raise ValueError(f"cannot set up Accelerate: {' '.join(str(e).split())}") from None
@@ -590,7 +665,8 @@ def train_one_epoch(epoch: int, t: Trainer, loader: Any) -> OrderedDict:
     t.model.train()
     loss_sum = torch.zeros((), device=acc.device)  # stays on the device: no host sync per step
     update_idx, seen, start = 0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if acc.is_main_process else True)
+    bar = tqdm(read_batches(loader, "training", acc), total=len(loader), desc=f"epoch {epoch}", leave=False,
+               disable=None if acc.is_main_process else True)
     for inputs, target in bar:
         if t.mixup_fn is not None:
             inputs, target = t.mixup_fn(inputs, target)
@@ -610,14 +686,29 @@ def train_one_epoch(epoch: int, t: Trainer, loader: Any) -> OrderedDict:
         t.num_updates += 1
         if t.model_ema is not None:
             t.model_ema.update(t.raw_model, step=t.num_updates)
-        if update_idx % args.log_interval == 0 and acc.is_main_process:
-            _log_progress(t, epoch, update_idx, loss, loss_sum, seen, start)
+        if update_idx % args.log_interval == 0:
+            check_loss(t, loss_sum, epoch, update_idx)
+            if acc.is_main_process:
+                _log_progress(t, epoch, update_idx, loss, loss_sum, seen, start)
         update_idx += 1
         t.scheduler.step_update(num_updates=t.num_updates)
     if hasattr(t.optimizer, "sync_lookahead"):
         t.optimizer.sync_lookahead()
+    check_loss(t, loss_sum, epoch, update_idx)
     total = acc.reduce(torch.stack([loss_sum, loss_sum.new_tensor(seen)]), reduction="sum")
     return OrderedDict(loss=(total[0] / total[1]).item())
+
+
+def check_loss(t: Trainer, loss_sum: torch.Tensor, epoch: int, update_idx: int) -> None:
+    """Stop (NonFiniteLossError on every rank) once any rank's loss sum is NaN/inf: the weights are lost, and
+    the epoch's checkpoint is not written, so the newest checkpoint on disk is the last good one."""
+    total = t.accelerator.reduce(loss_sum.detach().clone(), reduction="sum")  # NaN/inf anywhere -> here
+    if not torch.isfinite(total):
+        kept = (f"the newest checkpoint, last.pth.tar of epoch {epoch - 1}, predates it and is intact: "
+                "lower --lr, set --clip-grad or use --amp-dtype bfloat16, then --resume it") if epoch > 0 else \
+            "no checkpoint was written yet: lower --lr, set --clip-grad or use --amp-dtype bfloat16"
+        raise NonFiniteLossError(f"the training loss became {total.item()} in epoch {epoch} "
+                                 f"(by update {update_idx + 1}); training stopped, {kept}")
 
 
 @torch.no_grad()
@@ -626,7 +717,7 @@ def evaluate(model: nn.Module, loader: Any, acc: Accelerator, args: argparse.Nam
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss sum, top-1 hits, top-5 hits
     count = 0
-    for inputs, target in loader:
+    for inputs, target in read_batches(loader, "validation", acc):
         if args.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with acc.autocast():
@@ -641,18 +732,32 @@ def evaluate(model: nn.Module, loader: Any, acc: Accelerator, args: argparse.Nam
     return OrderedDict(loss=loss, top1=100.0 * top1, top5=100.0 * top5)
 
 
+def synced_tensors(t: Trainer) -> list[tuple[str, torch.Tensor]]:
+    """What every rank holds bit-identically after a WE step: the parameters, the EMA's parameters, and with
+    --dist-bn the BN running statistics of both (timm's distribute_bn syncs exactly those)."""
+    models = [("", t.raw_model)] + ([("ema.", t.model_ema.module)] if t.model_ema is not None else [])
+    items = []
+    for prefix, model in models:
+        items += [(prefix + n, p) for n, p in model.named_parameters()]
+        if t.args.dist_bn:
+            items += [(prefix + n, b) for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+    return items
+
+
 def check_ranks_agree(t: Trainer, epoch: int) -> None:
-    """All-gather parameter checksums; RankMismatchError naming the parameters if ranks differ."""
+    """All-gather checksums of `synced_tensors`; RankMismatchError naming the tensors if ranks differ."""
     acc = t.accelerator
-    gathered = acc.gather(run_io.param_checksums(t.raw_model)[None]).view(acc.num_processes, -1)
+    items = synced_tensors(t)
+    gathered = acc.gather(run_io.checksums(v for _, v in items)[None]).view(acc.num_processes, -1)
     differs = (gathered != gathered[0]).any(0).tolist()
     if any(differs):
-        names = [n for (n, _), d in zip(t.raw_model.named_parameters(), differs) if d]
+        names = [n for (n, _), d in zip(items, differs) if d]
         raise RankMismatchError(
-            f"after the weight-evolution step of epoch {epoch}, ranks hold different parameters "
+            f"after the weight-evolution step of epoch {epoch}, ranks hold different values "
             f"({len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
         )
-    _logger.info(f"WE step {epoch}: parameters identical on {acc.num_processes} ranks")
+    _logger.info(f"WE step {epoch}: parameters{', BN statistics' if t.args.dist_bn else ''}"
+                 f"{' and EMA' if t.model_ema is not None else ''} identical on {acc.num_processes} ranks")
 
 
 def evolve(t: Trainer, epoch: int) -> None:
@@ -738,6 +843,17 @@ def warn_changed_args(args: argparse.Namespace, saved: dict[str, Any]) -> None:
                         + ", ".join(f"{k}={now[k]!r} (was {saved[k]!r})" for k in changed))
 
 
+def check_resumable(args: argparse.Namespace, saved: dict[str, Any], path: str) -> None:
+    """Refuse a resume whose settings contradict the checkpoint's in a way training cannot continue from."""
+    refuse = [("model", "--model")]
+    if args.weight_evolution and saved.get("weight_evolution"):
+        refuse.append(("we_variant", "--we-variant"))  # the counters and schedule of one variant mean nothing to the other
+    for key, flag in refuse:
+        if key in saved and getattr(args, key) != saved[key]:
+            raise ValueError(f"cannot resume {path}: it was trained with {flag} {saved[key]}, not {getattr(args, key)}; "
+                             "start a new run (--initial-checkpoint to start from its weights)")
+
+
 def restore_state(t: Trainer, state: dict[str, Any]) -> int:
     """Load a training state (model weights already in) into the unprepared objects; returns the next epoch."""
     if t.model_ema is not None and state.get("model_ema") is not None:
@@ -777,8 +893,9 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
     loader_train, loader_eval = acc.prepare(*build_loaders(args, data_config, train_set, val_set))
     if len(loader_train) == 0:
         raise ValueError(f"{len(train_set)} training images make no batch of {args.batch_size} per process")
-    state = load_state(args.resume) if args.resume else None
+    state = load_state(args.resume) if args.resume and args.resume != "auto" else None
     if state is not None:
+        check_resumable(args, state.get("args", {}), args.resume)
         load_into_model(model, state["model"])  # before EMA and optimizer are derived from the model
     model.to(acc.device)
     if args.channels_last:
@@ -814,8 +931,10 @@ def make_output_dir(t: Trainer) -> None:
     name = args.experiment or f"{datetime.now():%Y%m%d-%H%M%S}-{safe_model_name(args.model)}-{size}"
     out_dir = os.path.join(args.output or "./output/train", name)
     if os.path.exists(os.path.join(out_dir, "args.yaml")) and not args.resume:
-        raise ValueError(f"{out_dir} already holds a run; pass a new --experiment, or --resume {out_dir}/last.pth.tar")
+        raise ValueError(f"{out_dir} already holds a run; pass a new --experiment, or --resume {out_dir}")
     os.makedirs(out_dir, exist_ok=True)
+    for tmp in remove_stale_temps(out_dir):
+        _logger.warning(f"removed {tmp}, a partial file left by an interrupted checkpoint write")
     saved = {k: v for k, v in run_io.json_safe(vars(args)).items() if k != "config"}
     run_io.write_text(os.path.join(out_dir, "args.yaml"), yaml.safe_dump(saved, default_flow_style=False))
     if args.log_tensorboard:
@@ -867,8 +986,10 @@ def run_epochs(t: Trainer, start_epoch: int) -> None:
         begin = time.perf_counter()
         train_metrics = train_one_epoch(epoch, t, t.loader_train)
         seconds = time.perf_counter() - begin
-        if acc.num_processes > 1 and args.dist_bn:
-            utils.distribute_bn(t.raw_model, acc.num_processes, args.dist_bn == "reduce")
+        if acc.num_processes > 1 and args.dist_bn:  # timm: the model's and the EMA's BN running stats
+            for model in (t.raw_model, t.model_ema):
+                if model is not None:
+                    utils.distribute_bn(model, acc.num_processes, args.dist_bn == "reduce")
         metrics = {"model": evaluate(t.model, t.loader_eval, acc, args)}
         if t.model_ema is not None:
             metrics["ema"] = evaluate(t.model_ema.module, t.loader_eval, acc, args)
@@ -906,6 +1027,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             run_epochs(t, start_epoch)
     except KeyboardInterrupt:
         _logger.warning("interrupted")
+    except RuntimeError as e:
+        error = as_distributed_error(e, acc)
+        if error is e:
+            raise
+        raise error from e
     write_run_files(t, plot=True)
     acc.end_training()
     if t.keeper.best is not None and t.out_dir is not None:
@@ -914,8 +1040,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Entry point: bad input ends with one `error: ...` line and exit status 1 (tracebacks with --debug)."""
-    return we_cli.run(lambda a: main(parse_args(a)), argv, (ValueError, CheckpointError, RankMismatchError))
+    """Entry point: bad input ends with one `error: ...` line and exit status 1 (tracebacks with --debug).
+
+    OSError included: unreadable data met mid-run, a full disk; checkpoints on disk stay complete (atomic writes).
+    """
+    return we_cli.run(lambda a: main(parse_args(a)), argv, (ValueError, OSError, CheckpointError, RankMismatchError, DistributedError))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ problem, no traceback, and no new run folder / results file. Cases already cover
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,9 +21,10 @@ import torch
 
 import train
 import validate
-from test_train import DIGITS, ROOT, TINY, digits_run, make_image_folder, run_train, subprocess_env  # noqa: F401  (digits_run: fixture)
+from test_train import DIGITS, ROOT, TINY, _free_port, digits_run, make_image_folder, read_csv, run_train, subprocess_env  # noqa: F401  (digits_run: fixture)
 from test_validate import _args, _model, image_dir, run_dir  # noqa: F401  (fixtures)
 from we_timm.checkpoint import atomic_save, load_weights, save_safetensors
+from we_timm import run_io
 from we_timm.run_io import STATE_FORMAT
 
 
@@ -100,6 +103,14 @@ def _train_case(tmp: Path, case: str) -> tuple[list[str], str]:
         blob = Path(_resnet_state(tmp)).read_bytes()
         (tmp / "cut.pth.tar").write_bytes(blob[: len(blob) // 2])
         return ["--resume", str(tmp / "cut.pth.tar")], "cannot read training state"
+    if case == "resume_auto_without_experiment":
+        return ["--resume", "auto"], "--resume auto needs --experiment"
+    if case == "resume_folder_without_state":
+        (tmp / "run").mkdir()
+        (tmp / "run" / "last.pth.tar").write_text("half a file")
+        return ["--resume", str(tmp / "run")], "no readable last.pth.tar or checkpoint-N.pth.tar"
+    if case == "dist_timeout_0":
+        return ["--dist-timeout", "0"], "--dist-timeout must be > 0"
     if case == "initial_checkpoint_text":
         return ["--initial-checkpoint", _write(tmp / "w.pth", "not weights\n")], "w.pth"
     raise AssertionError(case)
@@ -109,7 +120,8 @@ TRAIN_CASES = ["yaml_wrong_type", "yaml_not_mapping", "yaml_syntax", "yaml_missi
                "we_eta_0", "we_milestones_negative", "yaml_we_gamma_2", "epochs_0", "batch_size_0", "mixup_odd_batch",
                "dataset_without_dir", "data_dir_is_file", "class_map_missing", "batch_larger_than_dataset",
                "empty_train_split", "resume_text_file", "resume_foreign_pickle", "resume_safetensors",
-               "resume_other_model", "resume_truncated", "initial_checkpoint_text"]
+               "resume_other_model", "resume_truncated", "initial_checkpoint_text", "resume_auto_without_experiment",
+               "resume_folder_without_state", "dist_timeout_0"]
 
 
 @pytest.mark.parametrize("case", TRAIN_CASES)
@@ -184,6 +196,22 @@ def test_train_tensorboard_missing_is_one_line_error(tmp_path: Path, monkeypatch
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_train_unreadable_data_mid_run_is_one_line_error(tmp_path: Path, capsys, workers: str):
+    """The first image is fine (the up-front probe passes); the rest are not: timm skips 50 in a row, then raises."""
+    data = Path(_data(tmp_path, train=25, val=2))
+    for f in sorted((data / "train").rglob("*.png"))[1:]:
+        f.write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as e:
+        train.cli([*TINY, "--epochs", "1", "--data-dir", str(data), "-b", "4", "--output", str(tmp_path / "out"),
+                   "--experiment", "x", "--workers", workers])
+    msg = str(e.value.code)
+    assert re.match(r"error: reading the training data failed: (RuntimeError: )?Failed to load \d+ consecutive samples \(the warnings "
+                    r"above name the unreadable files\)$", msg), msg
+    assert "Traceback" not in capsys.readouterr().err
+    assert not list((tmp_path / "out" / "x").glob("*.pth.tar"))
+
+
 def test_train_skips_a_single_corrupt_image(tmp_path: Path, caplog):
     """One unreadable file in an ImageFolder is skipped with a warning (timm's behaviour); the run completes."""
     data = Path(_data(tmp_path, train=4, val=2))
@@ -236,37 +264,137 @@ def test_validate_bad_input_one_line_error(tmp_path, run_dir, image_dir, capsys,
     assert not results.exists()
 
 
-# ----------------------------------------------------------------------------- kill -9, then --resume
+# ----------------------------------------------------------------------------- kill -9 at fixed points, then --resume
 
 DIGITS_RUN_ARGS = [*TINY, *DIGITS, "--epochs", "3", "--weight-evolution", "--model-ema", "--model-ema-decay", "0.9",
-                   "--mixup", "0.2", "--reprob", "0.2", "--drop-path", "0.05", "--checkpoint-hist", "3"]
+                   "--mixup", "0.2", "--reprob", "0.2", "--drop-path", "0.05", "--checkpoint-hist", "3"]  # = digits_run
+FAULT_RUNNER = str(ROOT / "tests" / "fault_runner.py")
 
 
-def test_sigkill_then_resume_is_bitwise_identical(digits_run: Path, tmp_path: Path):  # noqa: F811
-    run = tmp_path / "out" / "killed"
-    env = subprocess_env()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *DIGITS_RUN_ARGS, "--output", str(tmp_path / "out"),
-                             "--experiment", "killed"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not (run / "checkpoint-1.pth.tar").exists():  # epoch 1 saved; WE step 1 / epoch 2 under way
-            assert proc.poll() is None, f"train.py ended early ({proc.returncode})"
-            assert time.monotonic() < deadline, "no checkpoint-1.pth.tar within 300 s"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL
+def run_fault(fault: str, argv: list[str], cwd: Path, launcher: list[str] | None = None,
+              timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """train.py under tests/fault_runner.py with one injected fault (see its docstring)."""
+    cmd = [*(launcher or [sys.executable]), FAULT_RUNNER, "--fault", fault, *argv]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(**env))
 
-    state = train.load_state(str(run / "last.pth.tar"))  # atomic writes: the newest complete state is readable
-    assert state["epoch"] in (1, 2)
-    run_train(["--resume", str(run / "last.pth.tar")], cwd=tmp_path)  # settings and run folder from the state
 
+def _no_time(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "we_time_s"} for r in rows]
+
+
+# (fault, epoch of the newest complete training state after the kill; None: there is none yet)
+KILL_POINTS = [("kill:train:1", 0), ("kill:eval:1", 0), ("kill:checkpoint:1", 0), ("kill:we:1", 1),
+               ("kill:checkpoint:0", None), ("kill:eval:2", 1)]
+
+
+@pytest.mark.parametrize("fault, saved_epoch", KILL_POINTS, ids=[f for f, _ in KILL_POINTS])
+def test_kill_then_resume_is_bitwise_identical(digits_run: Path, tmp_path: Path, fault: str, saved_epoch):  # noqa: F811
+    """SIGKILL mid-epoch / mid-evaluation / mid-checkpoint-write / right after the WE step; then
+    `--resume auto` ends with the uninterrupted run's weights, EMA and summary.csv, bit for bit."""
+    where = ["--output", str(tmp_path / "out"), "--experiment", "run"]
+    proc = run_fault(fault, [*DIGITS_RUN_ARGS, *where], cwd=tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    run = tmp_path / "out" / "run"
+    newest = run_io.newest_state(str(run))
+    if saved_epoch is None:
+        assert newest is None
+    else:  # atomic writes: the newest complete state is loadable, whatever the kill interrupted
+        assert train.load_state(newest)["epoch"] == saved_epoch
+    partial = [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert bool(partial) == fault.startswith("kill:checkpoint"), partial
+
+    out = run_train([*DIGITS_RUN_ARGS, *where, "--resume", "auto"], cwd=tmp_path)
+    assert ("removed" in out) == bool(partial) and not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     for name in ("last.safetensors", "last_ema.safetensors"):
         a, _ = load_weights(digits_run / name)
         b, meta = load_weights(run / name)
         assert meta["epoch"] == 2 and a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert _no_time(read_csv(run / "summary.csv")) == _no_time(read_csv(digits_run / "summary.csv"))
+
+
+def test_resume_from_the_run_folder_alone(digits_run: Path, tmp_path: Path):  # noqa: F811
+    """`--resume FOLDER`: the folder's newest state, its settings, and the folder itself (even moved)."""
+    proc = run_fault("kill:we:0", [*DIGITS_RUN_ARGS, "--output", str(tmp_path / "old"), "--experiment", "run"], cwd=tmp_path)
+    assert proc.returncode == -signal.SIGKILL
+    os.rename(tmp_path / "old", tmp_path / "moved")
+    run = tmp_path / "moved" / "run"
+    run_train(["--resume", str(run)], cwd=tmp_path)
+    assert not (tmp_path / "old").exists()
+    a, _ = load_weights(digits_run / "last.safetensors")
+    b, meta = load_weights(run / "last.safetensors")
+    assert meta["epoch"] == 2 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_last_good_checkpoint_intact(digits_run: Path, tmp_path: Path):  # noqa: F811
+    proc = run_fault("nan:train:1", [*DIGITS_RUN_ARGS, "--output", str(tmp_path), "--experiment", "nan"], cwd=tmp_path)
+    assert proc.returncode == 1
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert re.match(r"error: the training loss became nan in epoch 1 \(by update \d+\); training stopped, "
+                    r"the newest checkpoint, last.pth.tar of epoch 0, predates it and is intact", last_line), last_line
+    assert "Traceback" not in proc.stderr
+    run = tmp_path / "nan"
+    assert train.load_state(str(run / "last.pth.tar"))["epoch"] == 0 and not (run / "checkpoint-1.pth.tar").exists()
+    for name in ("last.safetensors", "last_ema.safetensors"):  # = the uninterrupted run's epoch-0 weights, finite
+        a, _ = load_weights(digits_run / name.replace("last", "checkpoint-0"))
+        b, _ = load_weights(run / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert len(read_csv(run / "summary.csv")) == 1
+
+
+def test_resume_with_more_epochs_warns_and_continues(digits_run: Path, tmp_path: Path):  # noqa: F811
+    shutil.copytree(digits_run, tmp_path / "run")
+    out = run_train(["--resume", str(tmp_path / "run" / "last.pth.tar"), "--epochs", "4"], cwd=tmp_path)
+    assert "resuming with settings that differ from the checkpoint's: epochs=4 (was 3)" in out
+    assert "WE step 2" in out  # epoch 2 is no longer the last: its WE step runs before epoch 3
+    assert load_weights(tmp_path / "run" / "last.safetensors")[1]["epoch"] == 3
+    assert [r["epoch"] for r in read_csv(tmp_path / "run" / "summary.csv")] == ["0", "1", "2", "3"]
+    assert load_weights(digits_run / "last.safetensors")[1]["epoch"] == 2  # the original folder is untouched
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--we-variant", "official"], "it was trained with --we-variant paper, not official"),
+    (["--model", "test_efficientnet"], "it was trained with --model test_resnet, not test_efficientnet"),
+])
+def test_incompatible_resume_is_refused(digits_run: Path, tmp_path: Path, capsys, argv, message):  # noqa: F811
+    shutil.copytree(digits_run, tmp_path / "run")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(SystemExit) as e:
+        train.cli(["--resume", str(tmp_path / "run" / "last.pth.tar"), *argv])
+    assert str(e.value.code).startswith("error: cannot resume ") and message in str(e.value.code), e.value.code
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()} == before
+
+
+# ----------------------------------------------------------------------------- distributed: a rank dies or hangs
+
+DDP = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+       "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _ddp_fault(fault: str, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+    launcher = [*DDP, "--main_process_port", str(_free_port())]
+    start = time.monotonic()
+    try:
+        proc = run_fault(fault, [*TINY, *DIGITS, "-b", "16", "--epochs", "3", "--weight-evolution", *extra,
+                                 "--output", str(tmp_path), "--experiment", "ddp"], cwd=tmp_path, launcher=launcher,
+                         timeout=240, ACCELERATE_USE_CPU="1")
+    finally:  # never leave a stopped rank behind
+        subprocess.run(["pkill", "-KILL", "-f", "--", f"--output {tmp_path} "], check=False)
+    return proc, time.monotonic() - start
+
+
+def test_ddp_rank_killed_ends_the_run(tmp_path: Path):
+    """Rank 1 is SIGKILLed mid-epoch 1: the launcher stops rank 0 and fails naming the root cause; no hang."""
+    proc, seconds = _ddp_fault("kill:train:1:1", tmp_path)
+    assert proc.returncode != 0 and seconds < 120, seconds
+    assert re.search(r"rank\s*:\s*1.*\n.*exitcode\s*:\s*-9", proc.stderr), proc.stderr[-3000:]
+    assert train.load_state(str(tmp_path / "ddp" / "last.pth.tar"))["epoch"] == 0
+
+
+def test_ddp_rank_hung_times_out_with_clear_error(tmp_path: Path):
+    """Rank 1 stalls (SIGSTOP) mid-epoch 1: rank 0 fails after --dist-timeout with one clear error line."""
+    proc, seconds = _ddp_fault("stop:train:1:1", tmp_path, "--dist-timeout", "10")
+    assert proc.returncode != 0 and seconds < 150, seconds
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "process 0 of 2 stopped: a collective failed" in errors[0], proc.stderr[-3000:]
+    assert train.load_state(str(tmp_path / "ddp" / "last.pth.tar"))["epoch"] == 0

@@ -7,10 +7,12 @@ run and a WE-off run on an ImageFolder.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,7 +28,7 @@ from PIL import Image
 import train
 from we_timm import WEConfig
 from we_timm.checkpoint import load_weights
-from we_timm.run_io import CheckpointKeeper, param_checksums
+from we_timm.run_io import CheckpointKeeper, checksums
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
@@ -152,11 +154,12 @@ def test_ddp_two_processes_with_we(tmp_path: Path):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(_free_port())]
-    out = run_train([*TINY, *DIGITS, "-b", "16", "--epochs", "3", "--weight-evolution",
+    out = run_train([*TINY, *DIGITS, "-b", "16", "--epochs", "3", "--weight-evolution", "--model-ema",
                      "--output", str(tmp_path), "--experiment", "ddp"], cwd=tmp_path, launcher=launcher,
                     env={"ACCELERATE_USE_CPU": "1"})
     assert "2 process(es)" in out
-    assert out.count("parameters identical on 2 ranks") == 2  # after epochs 0 and 1, not after the last
+    # checked after epochs 0 and 1 (not after the last): --dist-bn reduce (default) syncs BN stats of model and EMA
+    assert out.count("parameters, BN statistics and EMA identical on 2 ranks") == 2
     rows = read_csv(tmp_path / "ddp" / "summary.csv")
     assert len(rows) == 3 and rows[0]["we_inferior"] != ""
 
@@ -235,25 +238,29 @@ def test_we_milestones_follow_lr_decay(argv, milestones):
 
 def test_param_checksums_see_one_ulp():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Conv2d(3, 2, 1))
-    before = param_checksums(model)
+    before = checksums(model.parameters())
     with torch.no_grad():
         w = model[1].weight.view(-1)
         w[3] = torch.nextafter(w[3], torch.tensor(float("inf")))
-    after = param_checksums(model)
+    after = checksums(model.parameters())
     assert (before != after).tolist() == [False, False, True, False]
 
 
-def test_rank_mismatch_is_reported():
-    model = torch.nn.Linear(2, 2)
-    other = param_checksums(model).clone()
-    other[1] += 1
-
-    def gather(x):
-        return torch.cat([x, other[None]])
-
-    t = SimpleNamespace(raw_model=model, accelerator=SimpleNamespace(gather=gather, num_processes=2))
-    with pytest.raises(train.RankMismatchError, match="bias"):
-        train.check_ranks_agree(t, epoch=3)
+@pytest.mark.parametrize("dist_bn, ema", [("reduce", True), ("", False)])
+def test_rank_mismatch_is_reported(dist_bn: str, ema: bool):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    t = SimpleNamespace(raw_model=model, args=SimpleNamespace(dist_bn=dist_bn),
+                        model_ema=SimpleNamespace(module=copy.deepcopy(model)) if ema else None)
+    names = [n for n, _ in train.synced_tensors(t)]
+    expected = ["0.weight", "0.bias", "1.weight", "1.bias"]
+    expected += ["1.running_mean", "1.running_var"] if dist_bn else []
+    assert names == expected + [f"ema.{n}" for n in expected if ema]
+    for bad in range(len(names)):
+        other = checksums(v for _, v in train.synced_tensors(t)).clone()
+        other[bad] += 1
+        t.accelerator = SimpleNamespace(gather=lambda x: torch.cat([x, other[None]]), num_processes=2)
+        with pytest.raises(train.RankMismatchError, match=re.escape(names[bad])):
+            train.check_ranks_agree(t, epoch=3)
 
 
 def test_checkpoint_keeper_keeps_top_k(tmp_path: Path):

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import secrets
 from typing import Any, Callable, Mapping
 
@@ -107,6 +108,22 @@ def _create_temp(folder: str, name: str) -> str:
             return tmp
         except FileExistsError:
             continue
+
+
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # what _create_temp makes
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
+    """Delete the partial temp files that writes killed mid-way (SIGKILL, power loss) left in `folder`.
+
+    Call it only where no other process is writing into the folder. Returns the removed paths.
+    """
+    removed = []
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False) and _TEMP_NAME.match(entry.name):
+            os.remove(entry.path)
+            removed.append(entry.path)
+    return sorted(removed)
 
 
 def _fsync_dir(path: str) -> None:

@@ -166,11 +166,11 @@ def config_defaults(parser: "argparse.ArgumentParser", cfg: Mapping[str, Any], s
 # ----------------------------------------------------------------------------- data-parallel integrity
 
 
-def param_checksums(model: torch.nn.Module) -> torch.Tensor:
-    """One int64 per parameter hashing its exact bits (position-weighted sum of the raw words)."""
+def checksums(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """One int64 per tensor hashing its exact bits (position-weighted sum of the raw words)."""
     words = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     sums = []
-    for p in model.parameters():
+    for p in tensors:
         flat = p.detach().contiguous().view(-1)
         bits = flat.view(words.get(flat.element_size(), torch.uint8)).long()
         weights = torch.arange(bits.numel(), device=bits.device) % 65521 + 1
@@ -287,6 +287,30 @@ class CheckpointKeeper:
         atomic_save(state, state_path)
         files.append(state_path)
         return files
+
+
+def newest_state(folder: str) -> str | None:
+    """The training state of `folder` with the highest epoch (last.pth.tar on ties), or None.
+
+    Files that cannot be read as a training state are skipped with a warning.
+    """
+    if not os.path.isdir(folder):
+        return None
+    names = ["last" + STATE_EXT] + sorted(n for n in os.listdir(folder)
+                                         if n.startswith("checkpoint-") and n.endswith(STATE_EXT))
+    best, best_epoch = None, -1
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            epoch = int(check_state(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)["epoch"])
+        except Exception as e:  # unreadable: truncated by a crash outside our atomic writes, or foreign
+            _logger.warning(f"skipping {path}: {' '.join(str(e).split())[:200]}")
+            continue
+        if epoch > best_epoch:
+            best, best_epoch = path, epoch
+    return best
 
 
 def check_state(state: Any, path: str) -> dict[str, Any]:

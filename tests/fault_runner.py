@@ -1,0 +1,123 @@
+"""train.py with one injected fault, for the reliability tests (never used in production).
+
+    python tests/fault_runner.py --fault ACTION:POINT:EPOCH[:RANK] <train.py arguments>
+
+ACTION `kill` sends SIGKILL to this process at POINT of epoch EPOCH (every rank, or only RANK):
+    train        after the 2nd optimizer update of the epoch
+    eval         after the first validation batch
+    checkpoint   half-way through writing last.pth.tar (last.safetensors already replaced, a partial temp file left)
+    we           right after the weight-evolution step changed the parameters in memory
+ACTION `stop` sends SIGSTOP instead: the process stalls without dying, as a hung rank does.
+ACTION `nan` makes the loss NaN from the 2nd training batch of EPOCH on (POINT must be `train`).
+The faults patch train.py's functions from outside, so train.py runs its own unmodified code.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import train
+from we_timm import checkpoint, run_io
+from we_timm.evolution import WeightEvolution
+
+POINTS = ("train", "eval", "checkpoint", "we")
+ACTION = "kill"
+
+
+SIGNAL = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), SIGNAL[ACTION])
+
+
+def install(spec: str) -> None:
+    global ACTION
+    action, point, epoch, *rank = spec.split(":")
+    epoch, ACTION = int(epoch), action
+    assert action in ("kill", "stop", "nan") and point in POINTS and (action != "nan" or point == "train"), spec
+    if rank and int(os.environ.get("RANK", "0")) != int(rank[0]):
+        return
+    now = {"epoch": -1, "updates": 0}
+
+    one_epoch = train.train_one_epoch
+
+    def train_one_epoch(e, t, loader):
+        now.update(epoch=e, updates=0)
+        return one_epoch(e, t, loader)
+
+    train.train_one_epoch = train_one_epoch
+
+    if action == "nan":
+        build_loss = train.build_loss
+
+        def build_nan_loss(args, num_classes):
+            loss_fn, mixup_fn = build_loss(args, num_classes)
+            forward, calls = loss_fn.forward, {"n": 0}
+
+            def nan_forward(*a, **k):
+                loss = forward(*a, **k)
+                calls["n"] += now["epoch"] == epoch
+                return loss * float("nan") if calls["n"] >= 2 else loss
+
+            loss_fn.forward = nan_forward
+            return loss_fn, mixup_fn
+
+        train.build_loss = build_nan_loss
+    elif point == "train":
+        step = train._optimizer_step
+
+        def optimizer_step(t):
+            step(t)
+            now["updates"] += 1
+            if now["epoch"] == epoch and now["updates"] == 2:
+                _die()
+
+        train._optimizer_step = optimizer_step
+    elif point == "eval":
+        evaluate = train.evaluate
+
+        def killing(loader):
+            for i, batch in enumerate(loader):
+                if i == 1:
+                    _die()
+                yield batch
+
+        def evaluate_then_die(model, loader, acc, args):
+            return evaluate(model, killing(loader) if now["epoch"] == epoch else loader, acc, args)
+
+        train.evaluate = evaluate_then_die
+    elif point == "checkpoint":
+        atomic_save = run_io.atomic_save
+
+        def partial_save(obj, path):
+            if now["epoch"] == epoch and str(path).endswith("last.pth.tar"):
+                tmp = checkpoint._create_temp(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+                with open(tmp, "wb") as f:
+                    f.write(b"PK\x03\x04 half a training state")
+                    f.flush()
+                    os.fsync(f.fileno())
+                _die()
+            atomic_save(obj, path)
+
+        run_io.atomic_save = partial_save
+    else:  # we
+        step = WeightEvolution.step
+
+        def step_then_die(self, e):
+            stats = step(self, e)
+            if e == epoch:
+                _die()
+            return stats
+
+        WeightEvolution.step = step_then_die
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    assert argv[0] == "--fault", "usage: fault_runner.py --fault ACTION:POINT:EPOCH[:RANK] <train.py arguments>"
+    install(argv[1])
+    sys.exit(train.cli(argv[2:]))
