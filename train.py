@@ -1022,6 +1022,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     _logger.info(f"Model {args.model} ({params:.2f}M params), {acc.num_processes} process(es) on {acc.device}, "
                  f"mixed precision {acc.mixed_precision}, epochs {start_epoch}..{t.num_epochs - 1}, "
                  f"WE {t.we.config if t.we else 'off'}, output {t.out_dir}")
+    if start_epoch >= t.num_epochs:
+        _logger.warning(f"the run already completed its {t.num_epochs} epochs; pass a larger --epochs to train longer")
     try:
         with logging_redirect_tqdm():
             run_epochs(t, start_epoch)

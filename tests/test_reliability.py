@@ -344,6 +344,14 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(digits_run: Path, tmp_p
 
 def test_resume_with_more_epochs_warns_and_continues(digits_run: Path, tmp_path: Path):  # noqa: F811
     shutil.copytree(digits_run, tmp_path / "run")
+    def checkpoints() -> dict[str, int]:
+        files = [*(tmp_path / "run").glob("*.safetensors"), *(tmp_path / "run").glob("*.pth.tar")]
+        return {p.name: p.stat().st_mtime_ns for p in files}
+
+    before = checkpoints()
+    out = run_train(["--resume", str(tmp_path / "run")], cwd=tmp_path)  # finished: nothing to do
+    assert "the run already completed its 3 epochs; pass a larger --epochs to train longer" in out
+    assert checkpoints() == before and any(n.endswith(".pth.tar") for n in before)
     out = run_train(["--resume", str(tmp_path / "run" / "last.pth.tar"), "--epochs", "4"], cwd=tmp_path)
     assert "resuming with settings that differ from the checkpoint's: epochs=4 (was 3)" in out
     assert "WE step 2" in out  # epoch 2 is no longer the last: its WE step runs before epoch 3
