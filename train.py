@@ -28,7 +28,6 @@ from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, is_tensorboard_available
@@ -42,6 +41,7 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+import validate
 from we_timm import WEConfig, WeightEvolution
 from we_timm import cli as we_cli
 from we_timm import run_io
@@ -62,41 +62,15 @@ class DistributedError(RuntimeError):
     """A collective failed: another process died, or stalled for longer than --dist-timeout."""
 
 
-_COLLECTIVE_FAILURE = ("gloo", "nccl", "processgroup", "connection reset", "connection closed", "timed out", "timeout")
-
-
 def as_distributed_error(e: RuntimeError, acc: Accelerator) -> RuntimeError:
     """`e` as a one-line DistributedError when it is a failed collective of a multi-process run, else `e`."""
     text = " ".join(str(e).split())
-    dist_error = getattr(torch.distributed, "DistError", ())
-    if acc.num_processes < 2 or not (isinstance(e, dist_error) or any(k in text.lower() for k in _COLLECTIVE_FAILURE)):
+    if acc.num_processes < 2 or not we_cli.is_collective_failure(e):
         return e
     return DistributedError(
         f"process {acc.process_index} of {acc.num_processes} stopped: a collective failed because another process "
         f"died or stalled past --dist-timeout (checkpoints on disk are complete; --resume auto continues): {text[:300]}"
     )
-
-
-class DataReadError(OSError):
-    """Samples could not be read mid-run (timm skips unreadable files, then gives up)."""
-
-
-def read_batches(loader: Any, what: str, acc: Accelerator):
-    """Iterate `loader`; an error raised while *fetching* a batch is a one-line DataReadError (or DistributedError)."""
-    batches = iter(loader)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except (OSError, RuntimeError) as e:
-            error = as_distributed_error(e, acc) if isinstance(e, RuntimeError) else e
-            if error is not e:
-                raise error from e
-            lines = [line for line in str(e).splitlines() if line.strip()]  # a worker's error ends with the cause
-            raise DataReadError(f"reading the {what} data failed: {lines[-1] if lines else type(e).__name__} "
-                                "(the warnings above name the unreadable files)") from e
-        yield batch
 
 
 class NonFiniteLossError(ValueError):
@@ -665,7 +639,7 @@ def train_one_epoch(epoch: int, t: Trainer, loader: Any) -> OrderedDict:
     t.model.train()
     loss_sum = torch.zeros((), device=acc.device)  # stays on the device: no host sync per step
     update_idx, seen, start = 0, 0, time.perf_counter()
-    bar = tqdm(read_batches(loader, "training", acc), total=len(loader), desc=f"epoch {epoch}", leave=False,
+    bar = tqdm(we_cli.read_batches(loader, "training"), total=len(loader), desc=f"epoch {epoch}", leave=False,
                disable=None if acc.is_main_process else True)
     for inputs, target in bar:
         if t.mixup_fn is not None:
@@ -711,25 +685,10 @@ def check_loss(t: Trainer, loss_sum: torch.Tensor, epoch: int, update_idx: int) 
                                  f"(by update {update_idx + 1}); training stopped, {kept}")
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, acc: Accelerator, args: argparse.Namespace) -> OrderedDict:
-    """Loss, top-1 and top-5 (%) over the whole validation set, identical on every rank."""
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss sum, top-1 hits, top-5 hits
-    count = 0
-    for inputs, target in read_batches(loader, "validation", acc):
-        if args.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with acc.autocast():
-            output = model(inputs)
-        output = output[0] if isinstance(output, (tuple, list)) else output
-        output, target = acc.gather_for_metrics((output.float(), target))
-        k = min(5, output.shape[-1])
-        hits = output.topk(k, dim=-1).indices.eq(target[:, None])
-        totals += torch.stack([F.cross_entropy(output, target, reduction="sum"), hits[:, 0].sum(), hits.any(-1).sum()])
-        count += target.numel()
-    loss, top1, top5 = (totals / max(count, 1)).tolist()
-    return OrderedDict(loss=loss, top1=100.0 * top1, top5=100.0 * top5)
+    """Loss, top-1 and top-5 (%) over the whole validation set, identical on every rank (validate.py's loop)."""
+    metrics = validate.evaluate(model, loader, acc, channels_last=args.channels_last, progress=False)
+    return OrderedDict((k, metrics[k]) for k in ("loss", "top1", "top5"))
 
 
 def synced_tensors(t: Trainer) -> list[tuple[str, torch.Tensor]]:
@@ -1016,6 +975,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         utils.setup_default_logging()
     if not acc.is_main_process:
         logging.root.setLevel(logging.WARNING)
+    try:
+        with we_cli.process_group_ends(acc):
+            return fit(args, acc)
+    except RuntimeError as e:
+        error = as_distributed_error(e, acc)
+        if error is e:
+            raise
+        raise error from e
+
+
+def fit(args: argparse.Namespace, acc: Accelerator) -> dict[str, Any]:
+    """Everything after the Accelerator: set up, restore, train the epochs, write the final files."""
     t, state = setup(args, acc)
     start_epoch = start(t, state)
     params = sum(p.numel() for p in t.raw_model.parameters()) / 1e6
@@ -1029,13 +1000,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             run_epochs(t, start_epoch)
     except KeyboardInterrupt:
         _logger.warning("interrupted")
-    except RuntimeError as e:
-        error = as_distributed_error(e, acc)
-        if error is e:
-            raise
-        raise error from e
     write_run_files(t, plot=True)
-    acc.end_training()
     if t.keeper.best is not None and t.out_dir is not None:
         _logger.info(f"*** Best metric: {t.keeper.best[0]} (epoch {t.keeper.best[1]})")
     return {"best": t.keeper.best, "output": t.out_dir}

@@ -174,7 +174,8 @@ def evaluate(model, loader, accelerator: Accelerator, *, channels_last: bool = F
     """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss sum, top-1 hits, top-5 hits, samples
-    bar = tqdm(loader, desc="validate", disable=not (progress and accelerator.is_local_main_process), leave=False)
+    bar = tqdm(we_cli.read_batches(loader, "validation"), total=len(loader), desc="validate", leave=False,
+               disable=not (progress and accelerator.is_local_main_process))
     for inputs, target in bar:
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -219,6 +220,12 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     model, metadata = build_model(args)
     resolve_runtime_args(args, metadata)
     accelerator = _accelerator(args)
+    with we_cli.process_group_ends(accelerator):
+        return _validate(args, model, metadata, accelerator)
+
+
+def _validate(args: argparse.Namespace, model: torch.nn.Module, metadata: dict[str, Any],
+              accelerator: Accelerator) -> dict[str, Any]:
     param_count = sum(p.numel() for p in model.parameters())
     data_config = resolve_eval_config(args, model, metadata)
     transform = create_transform(**data_config, is_training=False)

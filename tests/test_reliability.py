@@ -24,6 +24,7 @@ import validate
 from test_train import DIGITS, ROOT, TINY, _free_port, digits_run, make_image_folder, read_csv, run_train, subprocess_env  # noqa: F401  (digits_run: fixture)
 from test_validate import _args, _model, image_dir, run_dir  # noqa: F401  (fixtures)
 from we_timm.checkpoint import atomic_save, load_weights, save_safetensors
+from we_timm import cli as we_cli
 from we_timm import run_io
 from we_timm.run_io import STATE_FORMAT
 
@@ -406,3 +407,27 @@ def test_ddp_rank_hung_times_out_with_clear_error(tmp_path: Path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "process 0 of 2 stopped: a collective failed" in errors[0], proc.stderr[-3000:]
     assert train.load_state(str(tmp_path / "ddp" / "last.pth.tar"))["epoch"] == 0
+
+
+class _FakeAccelerator:
+    ended = 0
+
+    def end_training(self):
+        self.ended += 1
+
+
+@pytest.mark.parametrize("error, ends", [
+    (None, True), (ValueError("bad value"), True), (RuntimeError("CUDA out of memory"), True),
+    (RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer"), False),
+    (RuntimeError("Application timeout caused pair closure"), False),
+])
+def test_process_group_ends_unless_a_peer_is_gone(error, ends):
+    """A live process group at exit aborts the process (SIGABRT); ending one whose peer died could block."""
+    acc = _FakeAccelerator()
+    try:
+        with we_cli.process_group_ends(acc):
+            if error is not None:
+                raise error
+    except type(error):
+        pass
+    assert acc.ended == int(ends)

@@ -1,13 +1,17 @@
-"""Command-line plumbing shared by train.py, validate.py and `python -m we_timm.export`.
+"""Command-line plumbing and error reporting shared by train.py, validate.py and `python -m we_timm.export`.
 
 A bad command line ends like every other bad input: one `error: ...` line and exit status 1
 (argparse would print the usage block and exit 2); `--debug` shows the exception instead.
+Errors met while reading data mid-run become one-line `DataReadError`s as well.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, NoReturn, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, NoReturn, Sequence
+
+import torch
 
 
 class UsageError(ValueError):
@@ -19,6 +23,53 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class DataReadError(OSError):
+    """Samples could not be read mid-run (timm skips unreadable files, then gives up)."""
+
+
+_COLLECTIVE_FAILURE = ("gloo", "nccl", "processgroup", "connection reset", "connection closed", "timed out", "timeout")
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether `e` is a failed torch.distributed collective (a peer died, or the timeout passed)."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    return isinstance(e, dist_error) or (isinstance(e, RuntimeError) and
+                                         any(k in str(e).lower() for k in _COLLECTIVE_FAILURE))
+
+
+@contextmanager
+def process_group_ends(accelerator: Any) -> Iterator[None]:
+    """`accelerator.end_training()` on leaving, also on errors: a process group still alive at exit makes
+    the process abort (SIGABRT). Skipped after a failed collective: a peer is gone, and ending could block."""
+    peers_alive = True
+    try:
+        yield
+    except BaseException as e:
+        peers_alive = not is_collective_failure(e)
+        raise
+    finally:
+        if peers_alive:
+            accelerator.end_training()
+
+
+def read_batches(loader: Any, what: str) -> Iterator[Any]:
+    """Iterate `loader`; an error raised while *fetching* a batch becomes a one-line DataReadError
+    (failed collectives pass through unchanged)."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, RuntimeError) as e:
+            if is_collective_failure(e):
+                raise
+            lines = [line for line in str(e).splitlines() if line.strip()]  # a worker's error ends with the cause
+            raise DataReadError(f"reading the {what} data failed: {lines[-1] if lines else type(e).__name__} "
+                                "(the warnings above name the unreadable files)") from e
+        yield batch
 
 
 def error_line(e: BaseException) -> str:
