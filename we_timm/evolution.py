@@ -120,21 +120,24 @@ class WeightEvolution:
 
     def _members(self, stats: WEStats) -> dict[str, list[Member]]:
         """Each pool's units with step-start weights; layers holding NaN/inf are skipped whole."""
-        read = []
-        bad_layers = set()
+        read, finite = [], []
         for unit in self.units:
             w = unit.param.detach().float().reshape(unit.shape3)
             l1 = ops.l1_norms(w)
-            if not bool(torch.isfinite(l1).all()):  # any NaN/inf element makes its filter's norm non-finite
-                bad_layers.add(unit.layer)
+            finite.append(torch.isfinite(l1).all())  # any NaN/inf element makes its filter's norm non-finite
             read.append(Member(unit, w, l1, l1 / w.shape[1]))  # Eq. (1): average L1
+        finite = torch.stack(finite).tolist() if finite else []  # one device sync for all units
+        bad_layers = {m.unit.layer for m, ok in zip(read, finite) if not ok}
         by_pool: dict[str, list[Member]] = {pool: [] for pool in self.pools}
         for m in read:
             if m.unit.layer in bad_layers:
-                _log.warning("weight evolution: skipping %s, its layer holds non-finite values", m.unit.name)
                 stats.skipped.append(m.unit.name)
             else:
                 by_pool[m.unit.pool].append(m)
+        if stats.skipped:
+            names = ", ".join(stats.skipped[:4]) + (", ..." if len(stats.skipped) > 4 else "")
+            _log.warning("weight evolution: skipped %d parameters whose layers hold non-finite values (%s)",
+                         len(stats.skipped), names)
         return by_pool
 
     def _paper_pool(self, pool: str, members: list[Member], rate: float, stats: WEStats) -> None:
