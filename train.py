@@ -64,9 +64,9 @@ class DistributedError(RuntimeError):
 
 def as_distributed_error(e: RuntimeError, acc: Accelerator) -> RuntimeError:
     """`e` as a one-line DistributedError when it is a failed collective of a multi-process run, else `e`."""
-    text = " ".join(str(e).split())
     if acc.num_processes < 2 or not we_cli.is_collective_failure(e):
         return e
+    text = " ".join(str(e).split())
     return DistributedError(
         f"process {acc.process_index} of {acc.num_processes} stopped: a collective failed because another process "
         f"died or stalled past --dist-timeout (checkpoints on disk are complete; --resume auto continues): {text[:300]}"
@@ -1011,7 +1011,8 @@ def cli(argv: list[str] | None = None) -> int:
 
     OSError included: unreadable data met mid-run, a full disk; checkpoints on disk stay complete (atomic writes).
     """
-    return we_cli.run(lambda a: main(parse_args(a)), argv, (ValueError, OSError, CheckpointError, RankMismatchError, DistributedError))
+    errors = (ValueError, OSError, CheckpointError, RankMismatchError, DistributedError)
+    return we_cli.run(lambda a: main(parse_args(a)), argv, errors)
 
 
 if __name__ == "__main__":
