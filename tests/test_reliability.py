@@ -314,6 +314,20 @@ def test_kill_then_resume_is_bitwise_identical(digits_run: Path, tmp_path: Path,
     assert _no_time(read_csv(run / "summary.csv")) == _no_time(read_csv(digits_run / "summary.csv"))
 
 
+def test_official_variant_killed_in_we_step_resumes_exactly(tmp_path: Path):
+    """The official variant's per-layer counters advance in the WE step the resumed run redoes."""
+    argv = [*TINY, *DIGITS, "--epochs", "3", "--weight-evolution", "--we-variant", "official", "--output", str(tmp_path)]
+    run_train([*argv, "--experiment", "full"], cwd=tmp_path)
+    assert run_fault("kill:we:0", [*argv, "--experiment", "run"], cwd=tmp_path).returncode == -signal.SIGKILL
+    run_train([*argv, "--experiment", "run", "--resume", "auto"], cwd=tmp_path)
+    a, _ = load_weights(tmp_path / "full" / "last.safetensors")
+    b, _ = load_weights(tmp_path / "run" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    counters = [train.load_state(str(tmp_path / name / "last.pth.tar"))["we"] for name in ("full", "run")]
+    assert counters[0] == counters[1] and counters[0]["counters"], counters[0]
+    assert _no_time(read_csv(tmp_path / "run" / "summary.csv")) == _no_time(read_csv(tmp_path / "full" / "summary.csv"))
+
+
 def test_resume_from_the_run_folder_alone(digits_run: Path, tmp_path: Path):  # noqa: F811
     """`--resume FOLDER`: the folder's newest state, its settings, and the folder itself (even moved)."""
     proc = run_fault("kill:we:0", [*DIGITS_RUN_ARGS, "--output", str(tmp_path / "old"), "--experiment", "run"], cwd=tmp_path)
