@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import sys
 import time
@@ -324,16 +325,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         first.add_argument(*flag.split("/"), default="")
     known, _ = first.parse_known_args(argv)
     config = run_io.load_config(parser, known.config) if known.config else {}
-    resume = known.resume
+    resume = known.resume or config.get("resume", "")
     if resume == "auto" or os.path.isdir(resume):
         resume = find_resume(resume, known.output or config.get("output", ""),
                              known.experiment or config.get("experiment", ""))
     if resume != "auto" and os.path.isfile(resume):
         saved = {k: v for k, v in load_state(resume, mmap=True).get("args", {}).items()
                  if k not in ("resume", "config", "start_epoch")}
-        if not (known.output or known.experiment or "output" in config or "experiment" in config):
-            folder = os.path.dirname(os.path.abspath(resume))  # the run continues where its state is, even if moved
-            saved.update(output=os.path.dirname(folder), experiment=os.path.basename(folder))
+        folder = os.path.dirname(os.path.abspath(resume))  # the run continues where its state is, even if moved
+        saved.update(output=os.path.dirname(folder), experiment=os.path.basename(folder))  # CLI / YAML still win
         parser.set_defaults(**run_io.config_defaults(parser, saved, f"arguments saved in {resume}", strict=False))
     parser.set_defaults(**config)
     args = parser.parse_args(argv)
@@ -349,7 +349,7 @@ def find_resume(resume: str, output: str, experiment: str) -> str:
     folder = os.path.join(output or "./output/train", experiment) if resume == "auto" else resume
     path = run_io.newest_state(folder)
     if path is None and resume != "auto":
-        raise ValueError(f"--resume {folder}: no readable last.pth.tar or checkpoint-N.pth.tar in this folder")
+        raise ValueError(f"--resume {folder}: no last.pth.tar or checkpoint-N.pth.tar in this folder")
     if path is None:
         _logger.warning(f"--resume auto: no training state in {folder} yet; starting the run")
     return path or "auto"
@@ -619,14 +619,14 @@ def _optimizer_step(t: Trainer) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def _log_progress(t: Trainer, epoch: int, update_idx: int, loss: torch.Tensor, loss_sum: torch.Tensor, seen: int,
+def _log_progress(t: Trainer, epoch: int, update_idx: int, loss: torch.Tensor, sums: torch.Tensor, seen: int,
                   start: float) -> None:
     lrs = [g["lr"] for g in t.optimizer.param_groups]
     elapsed = max(time.perf_counter() - start, 1e-9)
     n = t.updates_per_epoch
     _logger.info(
         f"Train: {epoch} [{update_idx:>4d}/{n} ({100.0 * update_idx / max(1, n - 1):>3.0f}%)]  "
-        f"Loss: {loss.item():#.3g} ({loss_sum.item() / seen:#.3g})  "
+        f"Loss: {loss.item():#.3g} ({(sums[1] / sums[2]).item():#.3g})  "
         f"{seen * t.accelerator.num_processes / elapsed:>7.1f} img/s  LR: {sum(lrs) / len(lrs):.3e}"
     )
 
@@ -637,7 +637,8 @@ def train_one_epoch(epoch: int, t: Trainer, loader: Any) -> OrderedDict:
     if t.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         t.mixup_fn.mixup_enabled = False
     t.model.train()
-    loss_sum = torch.zeros((), device=acc.device)  # stays on the device: no host sync per step
+    # loss sum, loss sum over finite losses, samples with a finite loss: on the device, no host sync per step
+    sums = torch.zeros(3, device=acc.device)
     update_idx, seen, start = 0, 0, time.perf_counter()
     bar = tqdm(we_cli.read_batches(loader, "training"), total=len(loader), desc=f"epoch {epoch}", leave=False,
                disable=None if acc.is_main_process else True)
@@ -653,7 +654,9 @@ def train_one_epoch(epoch: int, t: Trainer, loader: Any) -> OrderedDict:
                 if args.clip_grad is not None:
                     _clip(t)
                 _optimizer_step(t)
-        loss_sum += loss.detach().float() * inputs.shape[0]
+        value = loss.detach().float()
+        finite = torch.isfinite(value)
+        sums += torch.stack([value, torch.where(finite, value, 0.0), finite.float()]) * inputs.shape[0]
         seen += inputs.shape[0]
         if not acc.sync_gradients:
             continue
@@ -661,28 +664,31 @@ def train_one_epoch(epoch: int, t: Trainer, loader: Any) -> OrderedDict:
         if t.model_ema is not None:
             t.model_ema.update(t.raw_model, step=t.num_updates)
         if update_idx % args.log_interval == 0:
-            check_loss(t, loss_sum, epoch, update_idx)
+            check_loss(t, sums, epoch, update_idx)
             if acc.is_main_process:
-                _log_progress(t, epoch, update_idx, loss, loss_sum, seen, start)
+                _log_progress(t, epoch, update_idx, loss, sums, seen, start)
         update_idx += 1
         t.scheduler.step_update(num_updates=t.num_updates)
     if hasattr(t.optimizer, "sync_lookahead"):
         t.optimizer.sync_lookahead()
-    check_loss(t, loss_sum, epoch, update_idx)
-    total = acc.reduce(torch.stack([loss_sum, loss_sum.new_tensor(seen)]), reduction="sum")
-    return OrderedDict(loss=(total[0] / total[1]).item())
+    total = check_loss(t, sums, epoch, update_idx)
+    return OrderedDict(loss=(total[1] / total[2]).item())  # the mean of the finite losses
 
 
-def check_loss(t: Trainer, loss_sum: torch.Tensor, epoch: int, update_idx: int) -> None:
-    """Stop (NonFiniteLossError on every rank) once any rank's loss sum is NaN/inf: the weights are lost, and
-    the epoch's checkpoint is not written, so the newest checkpoint on disk is the last good one."""
-    total = t.accelerator.reduce(loss_sum.detach().clone(), reduction="sum")  # NaN/inf anywhere -> here
-    if not torch.isfinite(total):
+def check_loss(t: Trainer, sums: torch.Tensor, epoch: int, update_idx: int) -> torch.Tensor:
+    """Sum `sums` over ranks; stop (NonFiniteLossError on every rank) once any loss was NaN/inf: the weights are
+    lost, and the epoch's checkpoint is not written, so the newest checkpoint on disk is the last good one.
+
+    With fp16's loss scaler a non-finite loss is not fatal: the scaler skips that step (timm's behaviour).
+    """
+    total = t.accelerator.reduce(sums.clone(), reduction="sum")
+    if t.accelerator.scaler is None and not torch.isfinite(total[0]):
         kept = (f"the newest checkpoint, last.pth.tar of epoch {epoch - 1}, predates it and is intact: "
                 "lower --lr, set --clip-grad or use --amp-dtype bfloat16, then --resume it") if epoch > 0 else \
             "no checkpoint was written yet: lower --lr, set --clip-grad or use --amp-dtype bfloat16"
-        raise NonFiniteLossError(f"the training loss became {total.item()} in epoch {epoch} "
+        raise NonFiniteLossError(f"the training loss became {total[0].item()} in epoch {epoch} "
                                  f"(by update {update_idx + 1}); training stopped, {kept}")
+    return total
 
 
 def evaluate(model: nn.Module, loader: Any, acc: Accelerator, args: argparse.Namespace) -> OrderedDict:
@@ -802,6 +808,18 @@ def warn_changed_args(args: argparse.Namespace, saved: dict[str, Any]) -> None:
                         + ", ".join(f"{k}={now[k]!r} (was {saved[k]!r})" for k in changed))
 
 
+def check_same_start(acc: Accelerator, resume: str, state: dict[str, Any] | None) -> None:
+    """Every process must resume the same state (each picks it: `--resume auto` reads the run folder)."""
+    if acc.num_processes < 2:
+        return
+    mine = (os.path.abspath(resume) if resume and resume != "auto" else "", None if state is None else state["epoch"])
+    every = gather_object([mine])
+    if any(other != every[0] for other in every):
+        starts = ", ".join(f"process {i}: {path or 'a new run'} (epoch {epoch})" for i, (path, epoch) in enumerate(every))
+        raise ValueError(f"the processes would start from different states ({starts}); the run folder must be on "
+                         "a filesystem every process sees, unchanged while the run starts")
+
+
 def check_resumable(args: argparse.Namespace, saved: dict[str, Any], path: str) -> None:
     """Refuse a resume whose settings contradict the checkpoint's in a way training cannot continue from."""
     refuse = [("model", "--model")]
@@ -853,6 +871,7 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
     if len(loader_train) == 0:
         raise ValueError(f"{len(train_set)} training images make no batch of {args.batch_size} per process")
     state = load_state(args.resume) if args.resume and args.resume != "auto" else None
+    check_same_start(acc, args.resume, state)
     if state is not None:
         check_resumable(args, state.get("args", {}), args.resume)
         load_into_model(model, state["model"])  # before EMA and optimizer are derived from the model
@@ -958,6 +977,11 @@ def run_epochs(t: Trainer, start_epoch: int) -> None:
             epoch=epoch, **{f"train_{k}": v for k, v in train_metrics.items()},
             **{f"eval_{k}": v for k, v in eval_metrics.items()}, lr=sum(lrs) / len(lrs),
         ))
+        for kind, m in metrics.items():  # non-finite weights that the training loss did not show yet
+            if not math.isfinite(m["loss"]):
+                raise NonFiniteLossError(
+                    f"the validation loss of the {kind} became {m['loss']} in epoch {epoch}; training stopped "
+                    f"before saving epoch {epoch}, so the newest checkpoint predates it and is intact")
         save_checkpoint(t, epoch, metrics)
         if t.we is not None and epoch < t.num_epochs - 1:
             evolve(t, epoch)

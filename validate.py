@@ -45,7 +45,7 @@ DEFAULT_BATCH_SIZE = 256  # timm validate.py's default
 DATA_ARGS = ("input_size", "img_size", "in_chans", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
-class DataError(Exception):
+class DataError(ValueError):
     """The evaluation data cannot be used (missing folder, empty set, label range)."""
 
 

@@ -9,6 +9,8 @@ ACTION `kill` sends SIGKILL to this process at POINT of epoch EPOCH (every rank,
     we           right after the weight-evolution step changed the parameters in memory
 ACTION `stop` sends SIGSTOP instead: the process stalls without dying, as a hung rank does.
 ACTION `nan` makes the loss NaN from the 2nd training batch of EPOCH on (POINT must be `train`).
+ACTION `nanweight` writes a NaN into the model's first parameter after the last update of EPOCH (POINT `train`):
+the training loss stays finite, the validation loss does not.
 The faults patch train.py's functions from outside, so train.py runs its own unmodified code.
 """
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+
+import torch
 
 import train
 from we_timm import checkpoint, run_io
@@ -38,7 +42,8 @@ def install(spec: str) -> None:
     global ACTION
     action, point, epoch, *rank = spec.split(":")
     epoch, ACTION = int(epoch), action
-    assert action in ("kill", "stop", "nan") and point in POINTS and (action != "nan" or point == "train"), spec
+    assert action in ("kill", "stop", "nan", "nanweight") and point in POINTS, spec
+    assert action not in ("nan", "nanweight") or point == "train", spec
     if rank and int(os.environ.get("RANK", "0")) != int(rank[0]):
         return
     now = {"epoch": -1, "updates": 0}
@@ -67,6 +72,17 @@ def install(spec: str) -> None:
             return loss_fn, mixup_fn
 
         train.build_loss = build_nan_loss
+    elif action == "nanweight":
+        step = train._optimizer_step
+
+        def poisoning_step(t):
+            step(t)
+            now["updates"] += 1
+            if now["epoch"] == epoch and now["updates"] == t.updates_per_epoch:
+                with torch.no_grad():
+                    next(t.raw_model.parameters()).view(-1)[0] = float("nan")
+
+        train._optimizer_step = poisoning_step
     elif point == "train":
         step = train._optimizer_step
 

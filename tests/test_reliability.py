@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -108,8 +109,13 @@ def _train_case(tmp: Path, case: str) -> tuple[list[str], str]:
         return ["--resume", "auto"], "--resume auto needs --experiment"
     if case == "resume_folder_without_state":
         (tmp / "run").mkdir()
-        (tmp / "run" / "last.pth.tar").write_text("half a file")
-        return ["--resume", str(tmp / "run")], "no readable last.pth.tar or checkpoint-N.pth.tar"
+        return ["--resume", str(tmp / "run")], "no last.pth.tar or checkpoint-N.pth.tar in this folder"
+    if case == "resume_auto_unreadable_states":  # never start over a run whose states only need repair
+        (tmp / "out" / "run").mkdir(parents=True)
+        (tmp / "out" / "run" / "last.pth.tar").write_text("half a file")
+        (tmp / "out" / "run" / "checkpoint-3.pth.tar").write_bytes(b"PK\x03\x04")
+        return ["--resume", "auto", "--experiment", "run"], \
+            "holds training states but none is readable \\(last.pth.tar, checkpoint-3.pth.tar\\)"
     if case == "dist_timeout_0":
         return ["--dist-timeout", "0"], "--dist-timeout must be > 0"
     if case == "initial_checkpoint_text":
@@ -122,20 +128,20 @@ TRAIN_CASES = ["yaml_wrong_type", "yaml_not_mapping", "yaml_syntax", "yaml_missi
                "dataset_without_dir", "data_dir_is_file", "class_map_missing", "batch_larger_than_dataset",
                "empty_train_split", "resume_text_file", "resume_foreign_pickle", "resume_safetensors",
                "resume_other_model", "resume_truncated", "initial_checkpoint_text", "resume_auto_without_experiment",
-               "resume_folder_without_state", "dist_timeout_0"]
+               "resume_folder_without_state", "resume_auto_unreadable_states", "dist_timeout_0"]
 
 
 @pytest.mark.parametrize("case", TRAIN_CASES)
 def test_train_bad_input_one_line_error(tmp_path: Path, capsys, case: str):
     argv, pattern = _train_case(tmp_path, case)
-    out = tmp_path / "out"
+    before = sorted(tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as e:
-        train.cli([*TINY, "--epochs", "1", *argv, "--output", str(out)])  # argv's own --epochs wins
+        train.cli([*TINY, "--epochs", "1", *argv, "--output", str(tmp_path / "out")])  # argv's own --epochs wins
     msg = str(e.value.code)
     assert msg.startswith("error: ") and "\n" not in msg, msg
     assert re.search(pattern, msg), msg
     assert "Traceback" not in capsys.readouterr().err
-    assert not out.exists()
+    assert sorted(tmp_path.rglob("*")) == before  # no run folder, no file written
 
 
 def test_train_all_images_unreadable_is_one_line_error(tmp_path: Path, capsys):
@@ -341,6 +347,25 @@ def test_resume_from_the_run_folder_alone(digits_run: Path, tmp_path: Path):  # 
     assert meta["epoch"] == 2 and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_target_from_yaml_and_the_state_folder(digits_run: Path, tmp_path: Path):  # noqa: F811
+    """`resume:` in a YAML works like --resume; a run continues in the folder its state is in (YAML's own
+    experiment name included), wherever the folder was moved; explicit --output/--experiment win."""
+    moved = tmp_path / "moved"
+    shutil.copytree(digits_run, moved / "full")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"resume: {moved / 'full'}\n")
+    args = train.parse_args(["-c", str(cfg)])
+    assert (args.resume, args.output, args.experiment) == (str(moved / "full" / "last.pth.tar"), str(moved), "full")
+    assert args.epochs == 3 and args.weight_evolution  # the state's own settings
+    cfg.write_text("experiment: full\nresume: auto\n")
+    assert train.parse_args(["-c", str(cfg), "--output", str(moved)]).resume == str(moved / "full" / "last.pth.tar")
+    cfg.write_text("experiment: full\n")
+    args = train.parse_args(["-c", str(cfg), "--resume", str(moved / "full" / "checkpoint-1.pth.tar")])
+    assert (args.output, args.experiment) == (str(moved), "full")
+    args = train.parse_args(["--resume", str(moved / "full"), "--output", str(tmp_path / "o"), "--experiment", "e"])
+    assert (args.output, args.experiment) == (str(tmp_path / "o"), "e")
+
+
 def test_nan_loss_stops_with_last_good_checkpoint_intact(digits_run: Path, tmp_path: Path):  # noqa: F811
     proc = run_fault("nan:train:1", [*DIGITS_RUN_ARGS, "--output", str(tmp_path), "--experiment", "nan"], cwd=tmp_path)
     assert proc.returncode == 1
@@ -355,6 +380,17 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(digits_run: Path, tmp_p
         b, _ = load_weights(run / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert len(read_csv(run / "summary.csv")) == 1
+
+
+def test_non_finite_weights_stop_before_the_checkpoint(tmp_path: Path):
+    """NaN weights after an epoch's last update: its training loss is finite, its validation loss is not."""
+    proc = run_fault("nanweight:train:1", [*TINY, *DIGITS, "--epochs", "3", "--output", str(tmp_path),
+                                            "--experiment", "w"], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: the validation loss of the model became nan in epoch 1; training stopped before saving epoch 1")
+    state = train.load_state(str(tmp_path / "w" / "last.pth.tar"))
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_resume_with_more_epochs_warns_and_continues(digits_run: Path, tmp_path: Path):  # noqa: F811
@@ -445,3 +481,26 @@ def test_process_group_ends_unless_a_peer_is_gone(error, ends):
     except type(error):
         pass
     assert acc.ended == int(ends)
+
+
+def test_process_group_ending_never_hides_the_error(caplog):
+    class Failing:
+        def end_training(self):
+            raise OSError("No space left on device")
+
+    with pytest.raises(ValueError, match="the real problem"):
+        with we_cli.process_group_ends(Failing()):
+            raise ValueError("the real problem")
+    assert "could not end the process group cleanly: No space left on device" in caplog.text
+
+
+def test_processes_must_resume_the_same_state(monkeypatch, tmp_path: Path):
+    """`--resume auto` is resolved by every process; a folder not shared by all would split the run."""
+    acc = SimpleNamespace(num_processes=2)
+    other = [("", None)]  # what the second process found: nothing, so it would start a new run
+    monkeypatch.setattr(train, "gather_object", lambda mine: mine + other)
+    with pytest.raises(ValueError, match=r"processes would start from different states \(process 0: .*last.pth.tar "
+                                         r"\(epoch 4\), process 1: a new run \(epoch None\)\)"):
+        train.check_same_start(acc, str(tmp_path / "last.pth.tar"), {"epoch": 4})
+    other[:] = [(str(tmp_path / "last.pth.tar"), 4)]
+    train.check_same_start(acc, str(tmp_path / "last.pth.tar"), {"epoch": 4})  # agreeing processes pass

@@ -7,11 +7,15 @@ Errors met while reading data mid-run become one-line `DataReadError`s as well.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import torch
+
+
+_log = logging.getLogger(__name__)
 
 
 class UsageError(ValueError):
@@ -29,7 +33,9 @@ class DataReadError(OSError):
     """Samples could not be read mid-run (timm skips unreadable files, then gives up)."""
 
 
-_COLLECTIVE_FAILURE = ("gloo", "nccl", "processgroup", "connection reset", "connection closed", "timed out", "timeout")
+# what gloo / NCCL / c10d put in the RuntimeErrors of a failed collective (a peer gone, or the timeout passed)
+_COLLECTIVE_FAILURE = ("gloo", "nccl", "processgroup", "connection reset by peer", "connection closed by peer",
+                       "pair closure", "c10d")
 
 
 def is_collective_failure(e: BaseException) -> bool:
@@ -43,15 +49,16 @@ def is_collective_failure(e: BaseException) -> bool:
 def process_group_ends(accelerator: Any) -> Iterator[None]:
     """`accelerator.end_training()` on leaving, also on errors: a process group still alive at exit makes
     the process abort (SIGABRT). Skipped after a failed collective: a peer is gone, and ending could block."""
-    peers_alive = True
     try:
         yield
     except BaseException as e:
-        peers_alive = not is_collective_failure(e)
+        if not is_collective_failure(e):
+            try:
+                accelerator.end_training()
+            except Exception as cleanup:  # never hide the error that ended the run
+                _log.warning(f"could not end the process group cleanly: {error_line(cleanup)[7:]}")
         raise
-    finally:
-        if peers_alive:
-            accelerator.end_training()
+    accelerator.end_training()
 
 
 def read_batches(loader: Any, what: str) -> Iterator[Any]:

@@ -290,15 +290,16 @@ class CheckpointKeeper:
 
 
 def newest_state(folder: str) -> str | None:
-    """The training state of `folder` with the highest epoch (last.pth.tar on ties), or None.
+    """The training state of `folder` with the highest epoch (last.pth.tar on ties); None if it holds none.
 
-    Files that cannot be read as a training state are skipped with a warning.
+    Files that cannot be read as a training state are skipped with a warning; ValueError if there are
+    some and none is readable (starting over would overwrite a run that only needs repair).
     """
     if not os.path.isdir(folder):
         return None
     names = ["last" + STATE_EXT] + sorted(n for n in os.listdir(folder)
                                          if n.startswith("checkpoint-") and n.endswith(STATE_EXT))
-    best, best_epoch = None, -1
+    best, best_epoch, unreadable = None, -1, []
     for name in names:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
@@ -307,9 +308,13 @@ def newest_state(folder: str) -> str | None:
             epoch = int(check_state(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)["epoch"])
         except Exception as e:  # unreadable: truncated by a crash outside our atomic writes, or foreign
             _logger.warning(f"skipping {path}: {' '.join(str(e).split())[:200]}")
+            unreadable.append(name)
             continue
         if epoch > best_epoch:
             best, best_epoch = path, epoch
+    if best is None and unreadable:
+        raise ValueError(f"{folder} holds training states but none is readable ({', '.join(unreadable)}); "
+                         "resume one explicitly with --resume PATH, or start a new --experiment")
     return best
 
 
