@@ -72,24 +72,18 @@ def install(spec: str) -> None:
             return loss_fn, mixup_fn
 
         train.build_loss = build_nan_loss
-    elif action == "nanweight":
-        step = train._optimizer_step
-
-        def poisoning_step(t):
-            step(t)
-            now["updates"] += 1
-            if now["epoch"] == epoch and now["updates"] == t.updates_per_epoch:
-                with torch.no_grad():
-                    next(t.raw_model.parameters()).view(-1)[0] = float("nan")
-
-        train._optimizer_step = poisoning_step
-    elif point == "train":
+    elif point == "train":  # kill / stop after the 2nd update; nanweight after the epoch's last
         step = train._optimizer_step
 
         def optimizer_step(t):
             step(t)
             now["updates"] += 1
-            if now["epoch"] == epoch and now["updates"] == 2:
+            if now["epoch"] != epoch:
+                return
+            if action == "nanweight" and now["updates"] == t.updates_per_epoch:
+                with torch.no_grad():
+                    next(t.raw_model.parameters()).view(-1)[0] = float("nan")
+            elif action != "nanweight" and now["updates"] == 2:
                 _die()
 
         train._optimizer_step = optimizer_step

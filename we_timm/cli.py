@@ -14,7 +14,6 @@ from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import torch
 
-
 _log = logging.getLogger(__name__)
 
 
@@ -56,7 +55,7 @@ def process_group_ends(accelerator: Any) -> Iterator[None]:
             try:
                 accelerator.end_training()
             except Exception as cleanup:  # never hide the error that ended the run
-                _log.warning(f"could not end the process group cleanly: {error_line(cleanup)[7:]}")
+                _log.warning("could not end the process group cleanly: %s", " ".join(str(cleanup).split()))
         raise
     accelerator.end_training()
 
