@@ -1035,8 +1035,9 @@ def cli(argv: list[str] | None = None) -> int:
 
     OSError included: unreadable data met mid-run, a full disk; checkpoints on disk stay complete (atomic writes).
     """
-    errors = (ValueError, OSError, CheckpointError, RankMismatchError, DistributedError)
-    return we_cli.run(lambda a: main(parse_args(a)), argv, errors)
+    errors = (ValueError, OSError, CheckpointError, RankMismatchError, DistributedError, we_cli.Terminated)
+    with we_cli.sigterm_as_error():
+        return we_cli.run(lambda a: main(parse_args(a)), argv, errors)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ ACTION `kill` sends SIGKILL to this process at POINT of epoch EPOCH (every rank,
     eval         after the first validation batch
     checkpoint   half-way through writing last.pth.tar (last.safetensors already replaced, a partial temp file left)
     we           right after the weight-evolution step changed the parameters in memory
-ACTION `stop` sends SIGSTOP instead: the process stalls without dying, as a hung rank does.
+ACTION `stop` sends SIGSTOP instead: the process stalls without dying, as a hung rank does; `term` sends SIGTERM.
 ACTION `nan` makes the loss NaN from the 2nd training batch of EPOCH on (POINT must be `train`).
 ACTION `nanweight` writes a NaN into the model's first parameter after the last update of EPOCH (POINT `train`):
 the training loss stays finite, the validation loss does not.
@@ -29,7 +29,7 @@ POINTS = ("train", "eval", "checkpoint", "we")
 ACTION = "kill"
 
 
-SIGNAL = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+SIGNAL = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
 
 
 def _die() -> None:
@@ -42,7 +42,7 @@ def install(spec: str) -> None:
     global ACTION
     action, point, epoch, *rank = spec.split(":")
     epoch, ACTION = int(epoch), action
-    assert action in ("kill", "stop", "nan", "nanweight") and point in POINTS, spec
+    assert action in ("kill", "stop", "term", "nan", "nanweight") and point in POINTS, spec
     assert action not in ("nan", "nanweight") or point == "train", spec
     if rank and int(os.environ.get("RANK", "0")) != int(rank[0]):
         return

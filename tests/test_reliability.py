@@ -291,16 +291,21 @@ def _no_time(rows: list[dict]) -> list[dict]:
 
 # (fault, epoch of the newest complete training state after the kill; None: there is none yet)
 KILL_POINTS = [("kill:train:1", 0), ("kill:eval:1", 0), ("kill:checkpoint:1", 0), ("kill:we:1", 1),
-               ("kill:checkpoint:0", None), ("kill:eval:2", 1)]
+               ("kill:checkpoint:0", None), ("kill:eval:2", 1), ("term:train:1", 0), ("term:eval:2", 1)]
 
 
 @pytest.mark.parametrize("fault, saved_epoch", KILL_POINTS, ids=[f for f, _ in KILL_POINTS])
 def test_kill_then_resume_is_bitwise_identical(digits_run: Path, tmp_path: Path, fault: str, saved_epoch):  # noqa: F811
-    """SIGKILL mid-epoch / mid-evaluation / mid-checkpoint-write / right after the WE step; then
-    `--resume auto` ends with the uninterrupted run's weights, EMA and summary.csv, bit for bit."""
+    """SIGKILL mid-epoch / mid-evaluation / mid-checkpoint-write / right after the WE step, or SIGTERM (a
+    preemption: one error line, exit 1); then `--resume auto` ends with the uninterrupted run's weights, EMA
+    and summary.csv, bit for bit."""
     where = ["--output", str(tmp_path / "out"), "--experiment", "run"]
     proc = run_fault(fault, [*DIGITS_RUN_ARGS, *where], cwd=tmp_path)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    if fault.startswith("term"):
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: terminated by SIGTERM"), proc.stderr[-3000:]
+    else:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     run = tmp_path / "out" / "run"
     newest = run_io.newest_state(str(run))
     if saved_epoch is None:
@@ -443,10 +448,14 @@ def _ddp_fault(fault: str, tmp_path: Path, *extra: str) -> tuple[subprocess.Comp
 
 
 def test_ddp_rank_killed_ends_the_run(tmp_path: Path):
-    """Rank 1 is SIGKILLed mid-epoch 1: the launcher stops rank 0 and fails naming the root cause; no hang."""
+    """Rank 1 is SIGKILLed mid-epoch 1: the launcher stops rank 0 and fails naming the root cause; no hang.
+    Rank 0 says why it stopped in one line (its collective failed, or the launcher's SIGTERM came first)."""
     proc, seconds = _ddp_fault("kill:train:1:1", tmp_path)
     assert proc.returncode != 0 and seconds < 120, seconds
     assert re.search(r"rank\s*:\s*1.*\n.*exitcode\s*:\s*-9", proc.stderr), proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.match(r"error: (terminated by SIGTERM|process 0 of 2 stopped: a collective "
+                                         r"failed)", errors[0]), proc.stderr[-3000:]
     assert train.load_state(str(tmp_path / "ddp" / "last.pth.tar"))["epoch"] == 0
 
 
@@ -470,6 +479,7 @@ class _FakeAccelerator:
     (None, True), (ValueError("bad value"), True), (RuntimeError("CUDA out of memory"), True),
     (RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer"), False),
     (RuntimeError("Application timeout caused pair closure"), False),
+    (we_cli.Terminated("terminated by SIGTERM"), False),
 ])
 def test_process_group_ends_unless_a_peer_is_gone(error, ends):
     """A live process group at exit aborts the process (SIGABRT); ending one whose peer died could block."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NoReturn, Sequence
@@ -32,6 +33,26 @@ class DataReadError(OSError):
     """Samples could not be read mid-run (timm skips unreadable files, then gives up)."""
 
 
+class Terminated(Exception):  # not a RuntimeError: never mistaken for a data or collective error
+    """SIGTERM arrived: a scheduler preempting the job, or the launcher stopping every process after one failed."""
+
+
+@contextmanager
+def sigterm_as_error() -> Iterator[None]:
+    """Inside, SIGTERM raises `Terminated` (so it ends with one error line, and checkpoint writes in flight
+    clean up their temp files) instead of killing the process silently."""
+    def terminated(signum, frame):
+        raise Terminated("terminated by SIGTERM (a scheduler preempting the job, or `accelerate launch` stopping "
+                         "every process after one failed: see its 'Root Cause'); the checkpoints on disk are "
+                         "complete, --resume auto continues the run")
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # what gloo / NCCL / c10d put in the RuntimeErrors of a failed collective (a peer gone, or the timeout passed)
 _COLLECTIVE_FAILURE = ("gloo", "nccl", "processgroup", "connection reset by peer", "connection closed by peer",
                        "pair closure", "c10d")
@@ -47,11 +68,12 @@ def is_collective_failure(e: BaseException) -> bool:
 @contextmanager
 def process_group_ends(accelerator: Any) -> Iterator[None]:
     """`accelerator.end_training()` on leaving, also on errors: a process group still alive at exit makes
-    the process abort (SIGABRT). Skipped after a failed collective: a peer is gone, and ending could block."""
+    the process abort (SIGABRT). Skipped after a failed collective or SIGTERM: a peer may be gone, and
+    ending could block."""
     try:
         yield
     except BaseException as e:
-        if not is_collective_failure(e):
+        if not (is_collective_failure(e) or isinstance(e, Terminated)):
             try:
                 accelerator.end_training()
             except Exception as cleanup:  # never hide the error that ended the run
