@@ -815,7 +815,8 @@ def check_same_start(acc: Accelerator, resume: str, state: dict[str, Any] | None
     mine = (os.path.abspath(resume) if resume and resume != "auto" else "", None if state is None else state["epoch"])
     every = gather_object([mine])
     if any(other != every[0] for other in every):
-        starts = ", ".join(f"process {i}: {path or 'a new run'} (epoch {epoch})" for i, (path, epoch) in enumerate(every))
+        starts = ", ".join(f"process {i}: {path or 'a new run'} (epoch {epoch})"
+                           for i, (path, epoch) in enumerate(every))
         raise ValueError(f"the processes would start from different states ({starts}); the run folder must be on "
                          "a filesystem every process sees, unchanged while the run starts")
 
@@ -824,11 +825,11 @@ def check_resumable(args: argparse.Namespace, saved: dict[str, Any], path: str) 
     """Refuse a resume whose settings contradict the checkpoint's in a way training cannot continue from."""
     refuse = [("model", "--model")]
     if args.weight_evolution and saved.get("weight_evolution"):
-        refuse.append(("we_variant", "--we-variant"))  # the counters and schedule of one variant mean nothing to the other
+        refuse.append(("we_variant", "--we-variant"))  # one variant's counters and schedule mean nothing to the other
     for key, flag in refuse:
         if key in saved and getattr(args, key) != saved[key]:
-            raise ValueError(f"cannot resume {path}: it was trained with {flag} {saved[key]}, not {getattr(args, key)}; "
-                             "start a new run (--initial-checkpoint to start from its weights)")
+            raise ValueError(f"cannot resume {path}: it was trained with {flag} {saved[key]}, "
+                             f"not {getattr(args, key)}; start a new run (--initial-checkpoint to start from its weights)")
 
 
 def restore_state(t: Trainer, state: dict[str, Any]) -> int:

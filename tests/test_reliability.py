@@ -22,7 +22,7 @@ import torch
 
 import train
 import validate
-from test_train import DIGITS, ROOT, TINY, _free_port, digits_run, make_image_folder, read_csv, run_train, subprocess_env  # noqa: F401  (digits_run: fixture)
+from test_train import DIGITS, ROOT, TINY, _free_port, digits_run, make_image_folder, no_time, read_csv, run_train, subprocess_env  # noqa: F401  (digits_run: fixture)
 from test_validate import _args, _model, image_dir, run_dir  # noqa: F401  (fixtures)
 from we_timm.checkpoint import atomic_save, load_weights, save_safetensors
 from we_timm import cli as we_cli
@@ -285,10 +285,6 @@ def run_fault(fault: str, argv: list[str], cwd: Path, launcher: list[str] | None
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(**env))
 
 
-def _no_time(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "we_time_s"} for r in rows]
-
-
 # (fault, epoch of the newest complete training state after the kill; None: there is none yet)
 KILL_POINTS = [("kill:train:1", 0), ("kill:eval:1", 0), ("kill:checkpoint:1", 0), ("kill:we:1", 1),
                ("kill:checkpoint:0", None), ("kill:eval:2", 1), ("term:train:1", 0), ("term:eval:2", 1)]
@@ -322,7 +318,7 @@ def test_kill_then_resume_is_bitwise_identical(digits_run: Path, tmp_path: Path,
         b, meta = load_weights(run / name)
         assert meta["epoch"] == 2 and a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    assert _no_time(read_csv(run / "summary.csv")) == _no_time(read_csv(digits_run / "summary.csv"))
+    assert no_time(read_csv(run / "summary.csv")) == no_time(read_csv(digits_run / "summary.csv"))
 
 
 def test_official_variant_killed_in_we_step_resumes_exactly(tmp_path: Path):
@@ -336,7 +332,7 @@ def test_official_variant_killed_in_we_step_resumes_exactly(tmp_path: Path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     counters = [train.load_state(str(tmp_path / name / "last.pth.tar"))["we"] for name in ("full", "run")]
     assert counters[0] == counters[1] and counters[0]["counters"], counters[0]
-    assert _no_time(read_csv(tmp_path / "run" / "summary.csv")) == _no_time(read_csv(tmp_path / "full" / "summary.csv"))
+    assert no_time(read_csv(tmp_path / "run" / "summary.csv")) == no_time(read_csv(tmp_path / "full" / "summary.csv"))
 
 
 def test_resume_from_the_run_folder_alone(digits_run: Path, tmp_path: Path):  # noqa: F811

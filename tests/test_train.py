@@ -61,6 +61,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def no_time(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """summary.csv rows without the one column that is measured time (`we_time_s`)."""
+    return [{k: v for k, v in r.items() if k != "we_time_s"} for r in rows]
+
+
 def make_image_folder(root: Path, classes: int = 3, train: int = 16, val: int = 6) -> Path:
     rng = np.random.default_rng(0)
     for split, n in (("train", train), ("validation", val)):
@@ -140,8 +145,7 @@ def test_resume_is_bitwise_identical(digits_run: Path, tmp_path: Path):
         b, _ = load_weights(resumed / name)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "we_time_s"} for r in rows]  # noqa: E731
-    assert drop_time(read_csv(resumed / "summary.csv")) == drop_time(read_csv(digits_run / "summary.csv"))
+    assert no_time(read_csv(resumed / "summary.csv")) == no_time(read_csv(digits_run / "summary.csv"))
 
 
 def _free_port() -> int:

@@ -77,7 +77,8 @@ def _provenance(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m we_timm.export", description="Export a we_timm checkpoint as a timm / HF hub folder", add_help=True)
+    parser = ArgumentParser(prog="python -m we_timm.export", add_help=True,
+                            description="Export a we_timm checkpoint as a timm / HF hub folder")
     parser.add_argument("--checkpoint", required=True, help="train.py .safetensors (or a timm .pth/.pth.tar) checkpoint")
     parser.add_argument("--output-dir", required=True, help="folder to write config.json and model.safetensors into")
     parser.add_argument("--model", default=None, help="timm architecture; default: the checkpoint's metadata")
