@@ -28,15 +28,15 @@ from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from timm.data import create_transform, resolve_data_config
-from tqdm import tqdm
 
-from we_timm import cli as we_cli
-from we_timm.checkpoint import CheckpointError, create_model_from_checkpoint, model_name
-from we_timm.cli import ArgumentParser, error_line
-from we_timm.data import DIGITS, create_dataset, probe_dataset
+from we_timm.recipes import errors
+from we_timm.recipes.args import ArgumentParser
+from we_timm.recipes.checkpoint import create_model_from_checkpoint, model_name
+from we_timm.recipes.data import eval_dataset
+from we_timm.recipes.engine import evaluate, mixed_precision
+from we_timm.recipes.errors import CheckpointError, DataError
 
 _logger = logging.getLogger("validate")
 
@@ -45,12 +45,8 @@ DEFAULT_BATCH_SIZE = 256  # timm validate.py's default
 DATA_ARGS = ("input_size", "img_size", "in_chans", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
-class DataError(ValueError):
-    """The evaluation data cannot be used (missing folder, empty set, label range)."""
-
-
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="Validate a we_timm / timm checkpoint", add_help=True)
+    parser = ArgumentParser(prog="validate.py", description="Validate a we_timm / timm checkpoint")
     group = parser.add_argument_group("Model")
     group.add_argument("--model", "-m", default=None, help="timm architecture; default: the checkpoint's metadata")
     group.add_argument("--checkpoint", default="", help=".safetensors (train.py) or timm .pth/.pth.tar weights")
@@ -135,7 +131,7 @@ def resolve_runtime_args(args: argparse.Namespace, metadata: dict[str, Any]) -> 
 
 
 def build_dataset(args: argparse.Namespace, transform, metadata: dict[str, Any]) -> torch.utils.data.Dataset:
-    """train.py's datasets (`we_timm.data`): `digits`, or a timm dataset / image folder under `--data-dir`.
+    """train.py's datasets: `digits`, or a timm dataset / image folder under `--data-dir`.
 
     Without `--dataset` and `--data-dir`, the checkpoint's training data is used.
     """
@@ -143,57 +139,11 @@ def build_dataset(args: argparse.Namespace, transform, metadata: dict[str, Any])
     if not args.dataset and not args.data_dir and (train_args.get("dataset") or train_args.get("data_dir")):
         args.dataset, args.data_dir = train_args.get("dataset") or "", train_args.get("data_dir")
         _logger.info("evaluating on the checkpoint's training data: %s", args.dataset or args.data_dir)
-    if args.dataset != DIGITS:
-        if not args.data_dir:
-            raise DataError("no data: give --data-dir (an image folder) or --dataset (e.g. digits)")
-        if not os.path.isdir(args.data_dir):
-            raise DataError(f"data dir not found: {args.data_dir}")
-    kwargs = {"class_map": args.class_map} if args.class_map else {}
-    try:
-        dataset = create_dataset(args.dataset, args.data_dir, args.split, is_training=False, num_samples=args.num_samples, **kwargs)
-        probe_dataset(dataset, args.split)
-    except ValueError as e:  # we_timm.data: one-line messages for missing / empty / unknown data
-        raise DataError(str(e)) from None
-    if len(dataset) == 0:
-        raise DataError(f"dataset is empty: {args.data_dir or args.dataset} (split {args.split!r})")
-    dataset.transform = transform
-    return dataset
+    return eval_dataset(args.dataset, args.data_dir, args.split, transform, num_samples=args.num_samples,
+                        class_map=args.class_map)
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-@torch.inference_mode()
-def evaluate(model, loader, accelerator: Accelerator, *, channels_last: bool = False, progress: bool = True) -> dict[str, float]:
-    """Top-1/top-5 (%) and mean cross-entropy over every sample exactly once, on all processes.
-
-    The computation of train.py's `evaluate` (so its reported numbers reproduce):
-    logits and targets gathered per step (`gather_for_metrics` drops the padded
-    duplicates of the last batch), float64 sums of per-batch loss sums and of
-    top-k hits, divided by the sample count.
-    """
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss sum, top-1 hits, top-5 hits, samples
-    bar = tqdm(we_cli.read_batches(loader, "validation"), total=len(loader), desc="validate", leave=False,
-               disable=not (progress and accelerator.is_local_main_process))
-    for inputs, target in bar:
-        if channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with accelerator.autocast():
-            output = model(inputs)
-        output = output[0] if isinstance(output, (tuple, list)) else output
-        output, target = accelerator.gather_for_metrics((output.float(), target))
-        if int(target.max()) >= output.shape[-1] or int(target.min()) < 0:
-            raise DataError(f"label {int(target.max())} out of range for a model with {output.shape[-1]} classes")
-        hits = output.topk(min(5, output.shape[-1]), dim=-1).indices.eq(target[:, None])
-        totals += torch.stack([
-            F.cross_entropy(output, target, reduction="sum").double(),
-            hits[:, 0].sum().double(), hits.any(-1).sum().double(), totals.new_tensor(float(target.numel())),
-        ])
-    n = totals[3].item()
-    if n == 0:
-        raise DataError("no samples were evaluated")
-    return {"loss": totals[0].item() / n, "top1": 100.0 * totals[1].item() / n, "top5": 100.0 * totals[2].item() / n, "num_samples": int(n)}
 
 
 def write_results(results: dict[str, Any], path: str, fmt: str) -> None:
@@ -211,8 +161,7 @@ def write_results(results: dict[str, Any], path: str, fmt: str) -> None:
 
 
 def _accelerator(args: argparse.Namespace) -> Accelerator:
-    precision = {"bfloat16": "bf16", "float16": "fp16"}[args.amp_dtype] if args.amp else "no"
-    return Accelerator(mixed_precision=precision, cpu=args.cpu)
+    return Accelerator(mixed_precision=mixed_precision(args.amp, args.amp_dtype) or "no", cpu=args.cpu)
 
 
 def validate(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,7 +169,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     model, metadata = build_model(args)
     resolve_runtime_args(args, metadata)
     accelerator = _accelerator(args)
-    with we_cli.process_group_ends(accelerator):
+    with errors.process_group_ends(accelerator):
         return _validate(args, model, metadata, accelerator)
 
 
@@ -264,17 +213,13 @@ def _validate(args: argparse.Namespace, model: torch.nn.Module, metadata: dict[s
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run `validate(args)`; bad inputs become `SystemExit("error: <one line>")` unless `--debug`."""
-    try:
+    with errors.one_line_errors(args.debug):
         return validate(args)
-    except (CheckpointError, DataError, OSError) as e:
-        if args.debug:
-            raise
-        raise SystemExit(error_line(e)) from None
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Entry point: a malformed command line also ends with one `error: ...` line."""
-    return we_cli.run(lambda a: main(get_args_parser().parse_args(a)), argv, ())
+    """Entry point (`python validate.py`, `we-validate`): a malformed command line also ends with one `error:` line."""
+    return errors.run(lambda a: main(get_args_parser().parse_args(a)), argv)
 
 
 if __name__ == "__main__":

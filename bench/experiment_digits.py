@@ -409,7 +409,9 @@ def milestones_of(argv: list[str]) -> list[int]:
     sys.path.insert(0, str(ROOT))
     import train
 
-    return train.lr_decay_epochs(train.parse_args(argv))
+    from we_timm.recipes.args import lr_decay_epochs
+
+    return lr_decay_epochs(train.parse_args(argv))
 
 
 def execute(runs: list[dict], runs_dir: Path, jobs: int, threads: int) -> tuple[list[dict], int]:

@@ -11,7 +11,7 @@ ACTION `stop` sends SIGSTOP instead: the process stalls without dying, as a hung
 ACTION `nan` makes the loss NaN from the 2nd training batch of EPOCH on (POINT must be `train`).
 ACTION `nanweight` writes a NaN into the model's first parameter after the last update of EPOCH (POINT `train`):
 the training loss stays finite, the validation loss does not.
-The faults patch train.py's functions from outside, so train.py runs its own unmodified code.
+The faults patch train.py's and the recipes' functions from outside, so train.py runs its own unmodified code.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import sys
 import torch
 
 import train
-from we_timm import checkpoint, run_io
 from we_timm.evolution import WeightEvolution
+from we_timm.recipes import engine, files, state
 
 POINTS = ("train", "eval", "checkpoint", "we")
 ACTION = "kill"
@@ -73,7 +73,7 @@ def install(spec: str) -> None:
 
         train.build_loss = build_nan_loss
     elif point == "train":  # kill / stop after the 2nd update; nanweight after the epoch's last
-        step = train._optimizer_step
+        step = engine.optimizer_step
 
         def optimizer_step(t):
             step(t)
@@ -86,7 +86,7 @@ def install(spec: str) -> None:
             elif action != "nanweight" and now["updates"] == 2:
                 _die()
 
-        train._optimizer_step = optimizer_step
+        engine.optimizer_step = optimizer_step
     elif point == "eval":
         evaluate = train.evaluate
 
@@ -103,16 +103,16 @@ def install(spec: str) -> None:
                         _die()
                     yield batch
 
-        def evaluate_then_die(model, loader, acc, args):
-            return evaluate(model, killing(loader) if now["epoch"] == epoch else loader, acc, args)
+        def evaluate_then_die(model, loader, acc, **kwargs):
+            return evaluate(model, killing(loader) if now["epoch"] == epoch else loader, acc, **kwargs)
 
         train.evaluate = evaluate_then_die
     elif point == "checkpoint":
-        atomic_save = run_io.atomic_save
+        atomic_save = state.atomic_save
 
         def partial_save(obj, path):
             if now["epoch"] == epoch and str(path).endswith("last.pth.tar"):
-                tmp = checkpoint._create_temp(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+                tmp = files.create_temp(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
                 with open(tmp, "wb") as f:
                     f.write(b"PK\x03\x04 half a training state")
                     f.flush()
@@ -120,7 +120,7 @@ def install(spec: str) -> None:
                 _die()
             atomic_save(obj, path)
 
-        run_io.atomic_save = partial_save
+        state.atomic_save = partial_save
     else:  # we
         step = WeightEvolution.step
 

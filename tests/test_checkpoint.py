@@ -1,4 +1,4 @@
-"""`we_timm.checkpoint`: atomic safetensors with JSON metadata, timm .pth reads, one-line errors."""
+"""`we_timm.recipes.checkpoint`: atomic safetensors with JSON metadata, timm .pth reads, one-line errors."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from we_timm.checkpoint import (
+from we_timm.recipes.checkpoint import (
     CheckpointError,
     atomic_save,
     ema_sibling,

@@ -24,10 +24,11 @@ import train
 import validate
 from test_train import DIGITS, ROOT, TINY, _free_port, digits_run, make_image_folder, no_time, read_csv, run_train, subprocess_env  # noqa: F401  (digits_run: fixture)
 from test_validate import _args, _model, image_dir, run_dir  # noqa: F401  (fixtures)
-from we_timm.checkpoint import atomic_save, load_weights, save_safetensors
-from we_timm import cli as we_cli
-from we_timm import run_io
-from we_timm.run_io import STATE_FORMAT
+from we_timm.recipes import args as train_args
+from we_timm.recipes import errors as we_cli
+from we_timm.recipes import state
+from we_timm.recipes.checkpoint import atomic_save, load_weights, save_safetensors
+from we_timm.recipes.state import STATE_FORMAT
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
@@ -196,7 +197,7 @@ def test_usage_errors_are_one_line(tmp_path: Path, script: str, argv: list[str],
 
 
 def test_train_tensorboard_missing_is_one_line_error(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(train, "is_tensorboard_available", lambda: False)
+    monkeypatch.setattr(train_args, "is_tensorboard_available", lambda: False)
     with pytest.raises(SystemExit) as e:
         train.cli([*TINY, "--epochs", "1", "--log-tensorboard", "--output", str(tmp_path / "out")])
     assert str(e.value.code) == "error: --log-tensorboard needs tensorboard: pip install 'we_timm[tensorboard]'"
@@ -303,11 +304,11 @@ def test_kill_then_resume_is_bitwise_identical(digits_run: Path, tmp_path: Path,
     else:
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     run = tmp_path / "out" / "run"
-    newest = run_io.newest_state(str(run))
+    newest = state.newest_state(str(run))
     if saved_epoch is None:
         assert newest is None
     else:  # atomic writes: the newest complete state is loadable, whatever the kill interrupted
-        assert train.load_state(newest)["epoch"] == saved_epoch
+        assert state.load_state(newest)["epoch"] == saved_epoch
     partial = [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
     assert bool(partial) == fault.startswith("kill:checkpoint"), partial
 
@@ -330,7 +331,7 @@ def test_official_variant_killed_in_we_step_resumes_exactly(tmp_path: Path):
     a, _ = load_weights(tmp_path / "full" / "last.safetensors")
     b, _ = load_weights(tmp_path / "run" / "last.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    counters = [train.load_state(str(tmp_path / name / "last.pth.tar"))["we"] for name in ("full", "run")]
+    counters = [state.load_state(str(tmp_path / name / "last.pth.tar"))["we"] for name in ("full", "run")]
     assert counters[0] == counters[1] and counters[0]["counters"], counters[0]
     assert no_time(read_csv(tmp_path / "run" / "summary.csv")) == no_time(read_csv(tmp_path / "full" / "summary.csv"))
 
@@ -375,7 +376,7 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(digits_run: Path, tmp_p
                     r"the newest checkpoint, last.pth.tar of epoch 0, predates it and is intact", last_line), last_line
     assert "Traceback" not in proc.stderr
     run = tmp_path / "nan"
-    assert train.load_state(str(run / "last.pth.tar"))["epoch"] == 0 and not (run / "checkpoint-1.pth.tar").exists()
+    assert state.load_state(str(run / "last.pth.tar"))["epoch"] == 0 and not (run / "checkpoint-1.pth.tar").exists()
     for name in ("last.safetensors", "last_ema.safetensors"):  # = the uninterrupted run's epoch-0 weights, finite
         a, _ = load_weights(digits_run / name.replace("last", "checkpoint-0"))
         b, _ = load_weights(run / name)
@@ -390,8 +391,8 @@ def test_non_finite_weights_stop_before_the_checkpoint(tmp_path: Path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "error: the validation loss of the model became nan in epoch 1; training stopped before saving epoch 1")
-    state = train.load_state(str(tmp_path / "w" / "last.pth.tar"))
-    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values())
+    saved = state.load_state(str(tmp_path / "w" / "last.pth.tar"))
+    assert saved["epoch"] == 0 and all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
 def test_resume_with_more_epochs_warns_and_continues(digits_run: Path, tmp_path: Path):  # noqa: F811
@@ -452,7 +453,7 @@ def test_ddp_rank_killed_ends_the_run(tmp_path: Path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.match(r"error: (terminated by SIGTERM|process 0 of 2 stopped: a collective "
                                          r"failed)", errors[0]), proc.stderr[-3000:]
-    assert train.load_state(str(tmp_path / "ddp" / "last.pth.tar"))["epoch"] == 0
+    assert state.load_state(str(tmp_path / "ddp" / "last.pth.tar"))["epoch"] == 0
 
 
 def test_ddp_rank_hung_times_out_with_clear_error(tmp_path: Path):
@@ -461,7 +462,7 @@ def test_ddp_rank_hung_times_out_with_clear_error(tmp_path: Path):
     assert proc.returncode != 0 and seconds < 150, seconds
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "process 0 of 2 stopped: a collective failed" in errors[0], proc.stderr[-3000:]
-    assert train.load_state(str(tmp_path / "ddp" / "last.pth.tar"))["epoch"] == 0
+    assert state.load_state(str(tmp_path / "ddp" / "last.pth.tar"))["epoch"] == 0
 
 
 class _FakeAccelerator:
@@ -504,9 +505,9 @@ def test_processes_must_resume_the_same_state(monkeypatch, tmp_path: Path):
     """`--resume auto` is resolved by every process; a folder not shared by all would split the run."""
     acc = SimpleNamespace(num_processes=2)
     other = [("", None)]  # what the second process found: nothing, so it would start a new run
-    monkeypatch.setattr(train, "gather_object", lambda mine: mine + other)
+    monkeypatch.setattr(state, "gather_object", lambda mine: mine + other)
     with pytest.raises(ValueError, match=r"processes would start from different states \(process 0: .*last.pth.tar "
                                          r"\(epoch 4\), process 1: a new run \(epoch None\)\)"):
-        train.check_same_start(acc, str(tmp_path / "last.pth.tar"), {"epoch": 4})
+        state.check_same_start(acc.num_processes, str(tmp_path / "last.pth.tar"), {"epoch": 4})
     other[:] = [(str(tmp_path / "last.pth.tar"), 4)]
-    train.check_same_start(acc, str(tmp_path / "last.pth.tar"), {"epoch": 4})  # agreeing processes pass
+    state.check_same_start(acc.num_processes, str(tmp_path / "last.pth.tar"), {"epoch": 4})  # agreeing processes pass

@@ -27,8 +27,10 @@ from PIL import Image
 
 import train
 from we_timm import WEConfig
-from we_timm.checkpoint import load_weights
-from we_timm.run_io import CheckpointKeeper, checksums
+from we_timm.recipes import engine, errors, files
+from we_timm.recipes.checkpoint import load_weights
+from we_timm.recipes.engine import checksums
+from we_timm.recipes.state import CheckpointKeeper
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
@@ -123,7 +125,8 @@ def test_checkpoints_load(digits_run: Path):
     assert ema_meta["ema"] is True
     state = torch.load(digits_run / "last.pth.tar", map_location="cpu", weights_only=True)
     assert state["epoch"] == 2 and state["we"]["last_epoch"] == 1
-    assert {"model", "model_ema", "optimizer", "scheduler", "scaler", "rng", "checkpoints", "args"} <= set(state)
+    assert {"model", "model_ema", "optimizer", "scheduler", "scaler", "checkpoints", "args"} <= set(state)
+    assert "rng" not in state  # every epoch re-seeds from (seed, epoch, rank): no RNG state to keep
 
 
 def test_args_yaml_round_trip(digits_run: Path):
@@ -131,7 +134,7 @@ def test_args_yaml_round_trip(digits_run: Path):
     saved = load_weights(digits_run / "last.safetensors")[1]["args"]
     for key, value in saved.items():
         if key not in ("config",):
-            assert train.run_io.json_safe(getattr(args, key)) == value, key
+            assert files.json_safe(getattr(args, key)) == value, key
 
 
 def test_resume_is_bitwise_identical(digits_run: Path, tmp_path: Path):
@@ -255,16 +258,16 @@ def test_rank_mismatch_is_reported(dist_bn: str, ema: bool):
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     t = SimpleNamespace(raw_model=model, args=SimpleNamespace(dist_bn=dist_bn),
                         model_ema=SimpleNamespace(module=copy.deepcopy(model)) if ema else None)
-    names = [n for n, _ in train.synced_tensors(t)]
+    names = [n for n, _ in engine.synced_tensors(t)]
     expected = ["0.weight", "0.bias", "1.weight", "1.bias"]
     expected += ["1.running_mean", "1.running_var"] if dist_bn else []
     assert names == expected + [f"ema.{n}" for n in expected if ema]
     for bad in range(len(names)):
-        other = checksums(v for _, v in train.synced_tensors(t)).clone()
+        other = checksums(v for _, v in engine.synced_tensors(t)).clone()
         other[bad] += 1
         t.accelerator = SimpleNamespace(gather=lambda x: torch.cat([x, other[None]]), num_processes=2)
-        with pytest.raises(train.RankMismatchError, match=re.escape(names[bad])):
-            train.check_ranks_agree(t, epoch=3)
+        with pytest.raises(errors.RankMismatchError, match=re.escape(names[bad])):
+            engine.check_ranks_agree(t, epoch=3)
 
 
 def test_checkpoint_keeper_keeps_top_k(tmp_path: Path):
@@ -295,6 +298,6 @@ def test_optimizer_step_through_a_loss_scaler():
                         accelerator=SimpleNamespace(scaler=scaler, distributed_type="NO"))
     before = model.weight.detach().clone()
     scaler.scale(model(torch.ones(2, 3)).sum()).backward()
-    train._optimizer_step(t)
+    engine.optimizer_step(t)
     assert torch.allclose(model.weight, before - 0.1 * 2.0)  # unscaled gradient of the sum is 2 per weight
     assert model.weight.grad is None

@@ -15,8 +15,8 @@ from PIL import Image
 from timm.data import create_transform
 
 import validate
-from we_timm import export
-from we_timm.checkpoint import atomic_save, create_model_from_checkpoint, read_metadata, save_safetensors
+from we_timm.recipes import export
+from we_timm.recipes.checkpoint import atomic_save, create_model_from_checkpoint, read_metadata, save_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = "test_resnet"

@@ -1,4 +1,4 @@
-"""Datasets for train.py: the built-in offline `digits` set and timm's datasets.
+"""Data for train.py and validate.py: the built-in offline `digits` set, timm's datasets and loaders.
 
 `digits` is scikit-learn's bundled 8x8 handwritten digits (1797 images, 10
 classes; no download): each image becomes a grayscale-as-RGB PIL image,
@@ -8,7 +8,8 @@ validation split is stratified and fixed by `split_seed`, so every run, rank
 and resume sees the same images in each split.
 
 Everything else goes through `timm.data.create_dataset`: ImageFolder / ImageTar
-for an empty name (or "imagefolder"), `torch/cifar10`, `hfds/...`, ... .
+for an empty name (or "imagefolder"), `torch/cifar10`, `hfds/...`, ... . Loaders
+are timm's `create_loader`. Every failure a user can cause is a one-line `DataError`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch.utils.data
 from PIL import Image
+
+from .errors import DataError, one_line
 
 _logger = logging.getLogger(__name__)
 
@@ -52,9 +55,9 @@ class DigitsDataset(torch.utils.data.Dataset):
 
         split = split.lower()
         if split not in TRAIN_SPLITS + EVAL_SPLITS:
-            raise ValueError(f"digits has splits 'train' and 'validation', not {split!r}")
+            raise DataError(f"digits has splits 'train' and 'validation', not {split!r}")
         if image_size < 8:
-            raise ValueError(f"digits image_size must be >= 8, got {image_size}")
+            raise DataError(f"digits image_size must be >= 8, got {image_size}")
         data = load_digits()
         index = np.arange(len(data.target))
         train_idx, val_idx = train_test_split(
@@ -128,14 +131,14 @@ def num_classes_of(dataset: Any) -> int | None:
 
 
 def probe_dataset(dataset: Any, split: str) -> None:
-    """Read one sample before anything is written: unreadable data is a one-line ValueError, not a traceback mid-run."""
+    """Read one sample before anything is written: unreadable data is a one-line DataError, not a traceback mid-run."""
     if isinstance(dataset, torch.utils.data.IterableDataset) or not len(dataset):
         return
     try:
         dataset[0]  # timm's ImageDataset skips a few bad files itself and raises when too many fail in a row
     except (OSError, RuntimeError, ValueError) as e:
         first = f" from {dataset.filename(0, absolute=True)} on" if hasattr(dataset, "filename") else ""
-        raise ValueError(f"cannot read split {split!r} of the data{first}: {' '.join(str(e).split())[:200]}") from None
+        raise DataError(f"cannot read split {split!r} of the data{first}: {one_line(e)[:200]}") from None
 
 
 def create_dataset(
@@ -151,7 +154,7 @@ def create_dataset(
     """`digits` or anything `timm.data.create_dataset` knows, optionally cut to `num_samples`.
 
     Failures a user can cause (missing folder, dataset not on disk, unknown
-    split) raise `ValueError` with a one-line message.
+    split) raise `DataError` with a one-line message.
     """
     if name == DIGITS:
         dataset = DigitsDataset(split, image_size=image_size)
@@ -159,7 +162,7 @@ def create_dataset(
         dataset = _timm_dataset(name, root, split, is_training, timm_kwargs)
     if num_samples is not None and isinstance(dataset, torch.utils.data.Dataset) and hasattr(dataset, "__len__"):
         if num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
+            raise DataError(f"num_samples must be positive, got {num_samples}")
         dataset = HeadSubset(dataset, num_samples)
     return dataset
 
@@ -168,20 +171,75 @@ def _timm_dataset(name: str, root: str | None, split: str, is_training: bool, kw
     from timm.data import create_dataset as timm_create_dataset
 
     if not root:
-        raise ValueError(f"dataset {name or 'ImageFolder'} needs a root folder (--data-dir)")
+        raise DataError(f"dataset {name or 'ImageFolder'} needs a root folder (--data-dir)")
     name = "" if name.lower() in FOLDER_NAMES else name
     if root and not os.path.isdir(root):
-        raise ValueError(f"--data-dir {root} is not a directory")
+        raise DataError(f"--data-dir {root} is not a directory")
     try:
         dataset = timm_create_dataset(name, root=root, split=split, is_training=is_training, **kwargs)
     except (RuntimeError, FileNotFoundError, AssertionError, ValueError, OSError, ImportError) as e:
         what = name or "ImageFolder"
-        raise ValueError(f"cannot load dataset {what} split {split!r} from {root}: {_first_line(e)}") from e
+        detail = one_line(e) or type(e).__name__
+        detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        raise DataError(f"cannot load dataset {what} split {split!r} from {root}: {detail}") from e
     if hasattr(dataset, "__len__") and len(dataset) == 0:
-        raise ValueError(f"dataset {name or 'ImageFolder'} split {split!r} under {root} holds no images")
+        raise DataError(f"dataset {name or 'ImageFolder'} split {split!r} under {root} holds no images")
     return dataset
 
 
-def _first_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+# ----------------------------------------------------------------------------- what the scripts load
+
+
+def load_train_data(args: Any) -> tuple[Any, Any, int | None]:
+    """train.py's train and validation datasets (no transforms yet), probed, and the class count they declare."""
+    common = dict(name=args.dataset, root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
+                  batch_size=args.batch_size, seed=args.seed)
+    train = create_dataset(split=args.train_split, is_training=True, num_samples=args.train_num_samples, **common)
+    val = create_dataset(split=args.val_split, is_training=False, num_samples=args.val_num_samples, **common)
+    for split, dataset in ((args.train_split, train), (args.val_split, val)):
+        probe_dataset(dataset, split)
+    return train, val, num_classes_of(train)
+
+
+def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: Any) -> tuple[Any, Any]:
+    """timm transforms and loaders (no prefetcher: Accelerate places batches; sharding happens in `prepare`)."""
+    from timm.data import create_loader
+
+    common = dict(
+        input_size=data_config["input_size"], mean=data_config["mean"], std=data_config["std"],
+        num_workers=args.workers, pin_memory=args.pin_mem, use_prefetcher=False, distributed=False,
+        persistent_workers=False,  # workers re-seeded each epoch from the (seed, epoch) RNG: exact resume
+        device=torch.device("cpu"),
+    )
+    interpolation = args.train_interpolation
+    if args.no_aug or not interpolation:
+        interpolation = data_config["interpolation"]
+    loader_train = create_loader(
+        train_set, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
+        re_mode=args.remode, re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+        vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=interpolation,
+        worker_seeding=args.worker_seeding, **common,
+    )
+    loader_eval = create_loader(
+        val_set, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+        interpolation=data_config["interpolation"], crop_pct=data_config["crop_pct"],
+        crop_mode=data_config.get("crop_mode"), **common,
+    )
+    return loader_train, loader_eval
+
+
+def eval_dataset(name: str, root: str | None, split: str, transform: Callable, *, num_samples: int | None = None,
+                 class_map: str = "") -> torch.utils.data.Dataset:
+    """validate.py's data set: `digits`, or a timm dataset / image folder under `root`, probed, with `transform`."""
+    if name != DIGITS:
+        if not root:
+            raise DataError("no data: give --data-dir (an image folder) or --dataset (e.g. digits)")
+        if not os.path.isdir(root):
+            raise DataError(f"data dir not found: {root}")
+    kwargs = {"class_map": class_map} if class_map else {}
+    dataset = create_dataset(name, root, split, is_training=False, num_samples=num_samples, **kwargs)
+    probe_dataset(dataset, split)
+    if len(dataset) == 0:
+        raise DataError(f"dataset is empty: {root or name} (split {split!r})")
+    dataset.transform = transform
+    return dataset

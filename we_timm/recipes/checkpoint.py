@@ -20,11 +20,12 @@ import json
 import logging
 import os
 import pickle
-import re
-import secrets
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
+
+from .errors import CheckpointError, one_line
+from .files import atomic_write
 
 _logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ __all__ = [
     "read_metadata",
     "resolve_weights_file",
     "save_safetensors",
+    "torch_load",
 ]
 
 # timm's training checkpoints nest the weights under one of these keys (timm `load_state_dict`).
@@ -49,95 +51,14 @@ _PLAIN_KEYS = ("state_dict", "model")
 _MAX_LISTED = 8  # keys named in a mismatch message before "... (+N more)"
 
 
-class CheckpointError(Exception):
-    """A checkpoint cannot be read, written or loaded; the message is one user-facing line."""
-
-    def __init__(self, message: str):
-        super().__init__(_one_line(message))
-
-
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())
-
-
 def _detail(e: BaseException, limit: int = 160) -> str:
     """First sentence of an underlying error, on one line, at most `limit` characters."""
-    text = _one_line(e) or type(e).__name__
+    text = one_line(e) or type(e).__name__
     text = text.split(". ")[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Run `write(tmp)` on a temp file beside `path`, fsync it, then `os.replace` it in place.
-
-    Readers never see a half-written checkpoint: either the old file or the new one.
-    """
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise CheckpointError(f"cannot save {path}: directory {parent} does not exist")
-    tmp = _create_temp(parent, os.path.basename(path))
-    mode = os.stat(tmp).st_mode & 0o777  # what the umask allows
-    try:
-        write(tmp)
-        st = os.stat(tmp)
-        if st.st_mode & 0o777 != mode and st.st_nlink == 1:  # some writers (safetensors) recreate the file 0600
-            os.chmod(tmp, mode)
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(parent)
-
-
-def _create_temp(folder: str, name: str) -> str:
-    """An empty hidden file beside the target, created with the umask's permissions.
-
-    (`tempfile.mkstemp` would make it 0600, and the checkpoint unreadable to others.)
-    """
-    while True:
-        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-
-
-_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # what _create_temp makes
-
-
-def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
-    """Delete the partial temp files that writes killed mid-way (SIGKILL, power loss) left in `folder`.
-
-    Call it only where no other process is writing into the folder. Returns the removed paths.
-    """
-    removed = []
-    for entry in os.scandir(folder):
-        if entry.is_file(follow_symlinks=False) and _TEMP_NAME.match(entry.name):
-            os.remove(entry.path)
-            removed.append(entry.path)
-    return sorted(removed)
-
-
-def _fsync_dir(path: str) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _dealias(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -189,12 +110,20 @@ def save_safetensors(path: str | os.PathLike, state_dict: Mapping[str, torch.Ten
 
     tensors = _dealias(state_dict)
     header = encode_metadata(metadata)
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    _check_parent(path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save(obj, path)` through a temp file + fsync + `os.replace`."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    _check_parent(path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _check_parent(path: str | os.PathLike) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"cannot save {os.fspath(path)}: directory {parent} does not exist")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -246,7 +175,11 @@ def _load_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return state_dict, metadata
 
 
-def _torch_load(path: str) -> Any:
+def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """The one `torch.load` of the recipes: `weights_only=True` on CPU (`mmap` reads lazily); CheckpointError
+    naming the path for anything that is not a clean PyTorch file of tensors and plain values."""
+    path = os.fspath(path)
+    _check_file(path)
     with open(path, "rb") as f:
         magic = f.read(4)
     # torch.save writes a zip archive (PK\x03\x04); legacy files start with a pickle protocol byte.
@@ -255,7 +188,7 @@ def _torch_load(path: str) -> Any:
     try:
         # timm training checkpoints store `args` as an argparse.Namespace (timm `_torch_load`).
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and magic == b"PK\x03\x04")
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
             raise CheckpointError(f"corrupt or truncated PyTorch checkpoint: {path} ({_detail(e)})") from e
@@ -333,7 +266,7 @@ def load_weights(path: str | os.PathLike, *, use_ema: bool = False) -> tuple[dic
         if not state_dict:
             raise CheckpointError(f"not a model checkpoint: {path} holds no tensors")
         return _clean_keys(state_dict), metadata
-    return _unwrap(_torch_load(path), path, use_ema)
+    return _unwrap(torch_load(path), path, use_ema)
 
 
 def ema_sibling(path: str | os.PathLike) -> str:

@@ -1,40 +1,69 @@
-"""Command-line plumbing and error reporting shared by train.py, validate.py and `python -m we_timm.export`.
+"""One-line errors: the exception types of the recipes, and how a CLI turns them into `error: ...` + exit 1.
 
-A bad command line ends like every other bad input: one `error: ...` line and exit status 1
-(argparse would print the usage block and exit 2); `--debug` shows the exception instead.
-Errors met while reading data mid-run become one-line `DataReadError`s as well.
+Every failure a user can cause (a bad flag, YAML, path, checkpoint or data set, a failed collective, a
+preemption) is one of `USER_ERRORS`; `run` prints it as one `error: <message>` line and exits with status 1
+(argparse would print its usage block and exit 2). `--debug` shows the traceback instead.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, NoReturn, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 _log = logging.getLogger(__name__)
 
 
+def one_line(text: Any) -> str:
+    """`text` (an exception or a string) with every run of whitespace, newlines included, as one space."""
+    return " ".join(str(text).split())
+
+
+def error_line(e: BaseException) -> str:
+    """`error: <the message on one line>`."""
+    return f"error: {one_line(e)}"
+
+
 class UsageError(ValueError):
     """A malformed command line (argparse's message)."""
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with usage errors raised as `UsageError` rather than printed with the usage block."""
+class CheckpointError(Exception):
+    """A checkpoint cannot be read, written or loaded; the message is one user-facing line."""
 
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} --help)")
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
+
+
+class DataError(ValueError):
+    """The data cannot be used (missing folder, empty set, label range)."""
 
 
 class DataReadError(OSError):
     """Samples could not be read mid-run (timm skips unreadable files, then gives up)."""
 
 
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite; raised on every rank before anything more is saved."""
+
+
+class RankMismatchError(RuntimeError):
+    """Data-parallel ranks hold different parameters after a weight-evolution step."""
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: another process died, or stalled for longer than --dist-timeout."""
+
+
 class Terminated(Exception):  # not a RuntimeError: never mistaken for a data or collective error
     """SIGTERM arrived: a scheduler preempting the job, or the launcher stopping every process after one failed."""
+
+
+# ValueError covers UsageError, DataError, NonFiniteLossError; OSError covers DataReadError and a full disk
+USER_ERRORS = (ValueError, OSError, CheckpointError, RankMismatchError, DistributedError, Terminated)
 
 
 @contextmanager
@@ -65,6 +94,17 @@ def is_collective_failure(e: BaseException) -> bool:
                                          any(k in str(e).lower() for k in _COLLECTIVE_FAILURE))
 
 
+def as_distributed_error(e: BaseException, process_index: int, num_processes: int) -> BaseException:
+    """`e` as a one-line DistributedError when it is a failed collective of a multi-process run, else `e`."""
+    if num_processes < 2 or not is_collective_failure(e):
+        return e
+    return DistributedError(
+        f"process {process_index} of {num_processes} stopped: a collective failed because another process "
+        f"died or stalled past --dist-timeout (checkpoints on disk are complete; --resume auto continues): "
+        f"{one_line(e)[:300]}"
+    )
+
+
 @contextmanager
 def process_group_ends(accelerator: Any) -> Iterator[None]:
     """`accelerator.end_training()` on leaving, also on errors: a process group still alive at exit makes
@@ -77,7 +117,7 @@ def process_group_ends(accelerator: Any) -> Iterator[None]:
             try:
                 accelerator.end_training()
             except Exception as cleanup:  # never hide the error that ended the run
-                _log.warning("could not end the process group cleanly: %s", " ".join(str(cleanup).split()))
+                _log.warning("could not end the process group cleanly: %s", one_line(cleanup))
         raise
     accelerator.end_training()
 
@@ -100,19 +140,20 @@ def read_batches(loader: Any, what: str) -> Iterator[Any]:
         yield batch
 
 
-def error_line(e: BaseException) -> str:
-    """`error: <the message on one line>`."""
-    return f"error: {' '.join(str(e).split())}"
-
-
-def run(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None,
-        errors: tuple[type[BaseException], ...]) -> int:
-    """Call `main(argv)`; an exception of `errors` becomes SystemExit(one line) unless argv holds --debug."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+@contextmanager
+def one_line_errors(debug: bool = False) -> Iterator[None]:
+    """Inside, a `USER_ERRORS` exception becomes `SystemExit("error: <one line>")` (exit status 1) unless `debug`."""
     try:
-        main(argv)
-    except (UsageError, *errors) as e:
-        if "--debug" in argv:
+        yield
+    except USER_ERRORS as e:
+        if debug:
             raise
         raise SystemExit(error_line(e)) from None
+
+
+def run(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> int:
+    """A script's entry point: `main(argv)` under `one_line_errors` (tracebacks when argv holds --debug)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with one_line_errors("--debug" in argv):
+        main(argv)
     return 0

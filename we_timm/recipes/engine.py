@@ -1,0 +1,270 @@
+"""The training engine shared by train.py and validate.py: the `Trainer`, one epoch of training, evaluation,
+and the weight-evolution step with its cross-rank check.
+
+Functions take the `Trainer` (the run's objects) instead of timm's 15 arguments. Nothing here parses
+arguments or writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from timm import utils
+from timm.data import Mixup
+from timm.models import model_parameters
+from torch import nn
+from tqdm import tqdm
+
+from ..evolution import WeightEvolution
+from .errors import DataError, NonFiniteLossError, RankMismatchError, read_batches
+from .state import CheckpointKeeper
+
+_logger = logging.getLogger(__name__)
+
+PRECISIONS = {"bfloat16": "bf16", "float16": "fp16"}  # --amp-dtype -> Accelerate's mixed_precision
+
+
+def mixed_precision(amp: bool, amp_dtype: str | None) -> str | None:
+    """Accelerate's `mixed_precision` for `--amp --amp-dtype` (None without --amp: the accelerate config decides)."""
+    return PRECISIONS[amp_dtype] if amp else None
+
+
+@dataclass
+class Trainer:
+    """The run's objects, shared by the epoch functions (instead of timm's 15-argument train_one_epoch)."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    model: nn.Module  # prepared (DDP / compiled) module used for forward passes
+    raw_model: nn.Module  # the unwrapped fp32 module: EMA source, WE target, checkpoint weights
+    optimizer: Any
+    scheduler: Any
+    loss_fn: nn.Module
+    mixup_fn: Mixup | None
+    model_ema: utils.ModelEmaV3 | None
+    we: WeightEvolution | None
+    loader_train: Any
+    loader_eval: Any
+    num_epochs: int  # from the scheduler (epochs + cooldown)
+    meta: dict[str, Any]  # safetensors metadata shared by every checkpoint of the run
+    keeper: CheckpointKeeper
+    out_dir: str | None = None  # the run folder, on the main process only
+    num_updates: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # summary.csv rows
+    we_records: list[dict[str, Any]] = field(default_factory=list)  # we_stats.jsonl lines
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return -(-len(self.loader_train) // self.args.grad_accum_steps)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed Python/NumPy/torch from (seed, epoch, rank): augmentation and dropout then never depend on history."""
+    utils.random_seed(seed + 1000 * epoch, rank)
+
+
+def _clip(t: Trainer) -> None:
+    args, acc = t.args, t.accelerator
+    if args.clip_mode == "norm":
+        acc.clip_grad_norm_(t.model.parameters(), args.clip_grad)
+    elif args.clip_mode == "value":
+        acc.clip_grad_value_(t.model.parameters(), args.clip_grad)
+    else:
+        acc.unscale_gradients()
+        params = model_parameters(t.raw_model, exclude_head=True)
+        utils.dispatch_clip_grad(params, args.clip_grad, mode="agc")
+
+
+def optimizer_step(t: Trainer) -> None:
+    """Step and clear the optimizer (through the fp16 loss scaler if any) after a synced backward.
+
+    On the single-device / DDP paths the torch optimizer inside Accelerate's
+    `AcceleratedOptimizer` is stepped directly: the wrapper only delegates there,
+    but first probes the filesystem for an optional package on every call
+    (0.1-1 ms a step). Other backends (DeepSpeed, XLA, Megatron) keep the wrapper.
+    """
+    acc, wrapper = t.accelerator, t.optimizer
+    if acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.XLA, DistributedType.MEGATRON_LM):
+        wrapper.step()
+        wrapper.zero_grad()
+        return
+    opt = getattr(wrapper, "optimizer", wrapper)
+    if acc.scaler is not None:
+        acc.scaler.step(opt)
+        acc.scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _log_progress(t: Trainer, epoch: int, update_idx: int, loss: torch.Tensor, sums: torch.Tensor, seen: int,
+                  start: float) -> None:
+    lrs = [g["lr"] for g in t.optimizer.param_groups]
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    n = t.updates_per_epoch
+    _logger.info(
+        f"Train: {epoch} [{update_idx:>4d}/{n} ({100.0 * update_idx / max(1, n - 1):>3.0f}%)]  "
+        f"Loss: {loss.item():#.3g} ({(sums[1] / sums[2]).item():#.3g})  "
+        f"{seen * t.accelerator.num_processes / elapsed:>7.1f} img/s  LR: {sum(lrs) / len(lrs):.3e}"
+    )
+
+
+def train_one_epoch(epoch: int, t: Trainer, loader: Any) -> OrderedDict:
+    """One pass over `loader` with gradient accumulation, clipping, EMA and per-update LR steps."""
+    args, acc = t.args, t.accelerator
+    if t.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        t.mixup_fn.mixup_enabled = False
+    t.model.train()
+    # loss sum, loss sum over finite losses, samples with a finite loss: on the device, no host sync per step
+    sums = torch.zeros(3, device=acc.device)
+    update_idx, seen, start = 0, 0, time.perf_counter()
+    bar = tqdm(read_batches(loader, "training"), total=len(loader), desc=f"epoch {epoch}", leave=False,
+               disable=None if acc.is_main_process else True)
+    for inputs, target in bar:
+        if t.mixup_fn is not None:
+            inputs, target = t.mixup_fn(inputs, target)
+        if args.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with acc.accumulate(t.model):
+            loss = t.loss_fn(t.model(inputs), target)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                if args.clip_grad is not None:
+                    _clip(t)
+                optimizer_step(t)
+        value = loss.detach().float()
+        finite = torch.isfinite(value)
+        sums += torch.stack([value, torch.where(finite, value, 0.0), finite.float()]) * inputs.shape[0]
+        seen += inputs.shape[0]
+        if not acc.sync_gradients:
+            continue
+        t.num_updates += 1
+        if t.model_ema is not None:
+            t.model_ema.update(t.raw_model, step=t.num_updates)
+        if update_idx % args.log_interval == 0:
+            check_loss(t, sums, epoch, update_idx)
+            if acc.is_main_process:
+                _log_progress(t, epoch, update_idx, loss, sums, seen, start)
+        update_idx += 1
+        t.scheduler.step_update(num_updates=t.num_updates)
+    if hasattr(t.optimizer, "sync_lookahead"):
+        t.optimizer.sync_lookahead()
+    total = check_loss(t, sums, epoch, update_idx)
+    return OrderedDict(loss=(total[1] / total[2]).item())  # the mean of the finite losses
+
+
+def check_loss(t: Trainer, sums: torch.Tensor, epoch: int, update_idx: int) -> torch.Tensor:
+    """Sum `sums` over ranks; stop (NonFiniteLossError on every rank) once any loss was NaN/inf: the weights are
+    lost, and the epoch's checkpoint is not written, so the newest checkpoint on disk is the last good one.
+
+    With fp16's loss scaler a non-finite loss is not fatal: the scaler skips that step (timm's behaviour).
+    """
+    total = t.accelerator.reduce(sums.clone(), reduction="sum")
+    if t.accelerator.scaler is None and not torch.isfinite(total[0]):
+        kept = (f"the newest checkpoint, last.pth.tar of epoch {epoch - 1}, predates it and is intact: "
+                "lower --lr, set --clip-grad or use --amp-dtype bfloat16, then --resume it") if epoch > 0 else \
+            "no checkpoint was written yet: lower --lr, set --clip-grad or use --amp-dtype bfloat16"
+        raise NonFiniteLossError(f"the training loss became {total[0].item()} in epoch {epoch} "
+                                 f"(by update {update_idx + 1}); training stopped, {kept}")
+    return total
+
+
+
+@torch.inference_mode()
+def evaluate(model, loader, accelerator: Accelerator, *, channels_last: bool = False, progress: bool = True) -> dict[str, float]:
+    """Mean cross-entropy, top-1 and top-5 (%) over every sample exactly once, identical on all processes.
+
+    train.py and validate.py both call this, so validate.py reproduces train.py's numbers: logits and
+    targets gathered per step (`gather_for_metrics` drops the padded duplicates of the last batch), float64
+    sums of per-batch loss sums and of top-k hits, divided by the sample count.
+    """
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss sum, top-1 hits, top-5 hits, samples
+    bar = tqdm(read_batches(loader, "validation"), total=len(loader), desc="validate", leave=False,
+               disable=not (progress and accelerator.is_local_main_process))
+    for inputs, target in bar:
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            output = model(inputs)
+        output = output[0] if isinstance(output, (tuple, list)) else output
+        output, target = accelerator.gather_for_metrics((output.float(), target))
+        if int(target.max()) >= output.shape[-1] or int(target.min()) < 0:
+            raise DataError(f"label {int(target.max())} out of range for a model with {output.shape[-1]} classes")
+        hits = output.topk(min(5, output.shape[-1]), dim=-1).indices.eq(target[:, None])
+        totals += torch.stack([
+            F.cross_entropy(output, target, reduction="sum").double(),
+            hits[:, 0].sum().double(), hits.any(-1).sum().double(), totals.new_tensor(float(target.numel())),
+        ])
+    n = totals[3].item()
+    if n == 0:
+        raise DataError("no samples were evaluated")
+    return {"loss": totals[0].item() / n, "top1": 100.0 * totals[1].item() / n, "top5": 100.0 * totals[2].item() / n, "num_samples": int(n)}
+
+
+# ----------------------------------------------------------------------------- weight evolution
+
+
+def checksums(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """One int64 per tensor hashing its exact bits (position-weighted sum of the raw words)."""
+    words = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    sums = []
+    for p in tensors:
+        flat = p.detach().contiguous().view(-1)
+        bits = flat.view(words.get(flat.element_size(), torch.uint8)).long()
+        weights = torch.arange(bits.numel(), device=bits.device) % 65521 + 1
+        sums.append((bits * weights).sum())
+    return torch.stack(sums)
+
+
+def synced_tensors(t: Trainer) -> list[tuple[str, torch.Tensor]]:
+    """What every rank holds bit-identically after a WE step: the parameters, the EMA's parameters, and with
+    --dist-bn the BN running statistics of both (timm's distribute_bn syncs exactly those)."""
+    models = [("", t.raw_model)] + ([("ema.", t.model_ema.module)] if t.model_ema is not None else [])
+    items = []
+    for prefix, model in models:
+        items += [(prefix + n, p) for n, p in model.named_parameters()]
+        if t.args.dist_bn:
+            items += [(prefix + n, b) for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+    return items
+
+
+def check_ranks_agree(t: Trainer, epoch: int) -> None:
+    """All-gather checksums of `synced_tensors`; RankMismatchError naming the tensors if ranks differ."""
+    acc = t.accelerator
+    items = synced_tensors(t)
+    gathered = acc.gather(checksums(v for _, v in items)[None]).view(acc.num_processes, -1)
+    differs = (gathered != gathered[0]).any(0).tolist()
+    if any(differs):
+        names = [n for (n, _), d in zip(items, differs) if d]
+        raise RankMismatchError(
+            f"after the weight-evolution step of epoch {epoch}, ranks hold different values "
+            f"({len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+        )
+    _logger.info(f"WE step {epoch}: parameters{', BN statistics' if t.args.dist_bn else ''}"
+                 f"{' and EMA' if t.model_ema is not None else ''} identical on {acc.num_processes} ranks")
+
+
+def evolve(t: Trainer, epoch: int) -> None:
+    """`we.step(epoch)` on the unwrapped fp32 parameters; stats go to the epoch's summary row and we_stats.jsonl."""
+    start = time.perf_counter()
+    stats = t.we.step(epoch)
+    seconds = time.perf_counter() - start
+    if t.accelerator.num_processes > 1:
+        check_ranks_agree(t, epoch)
+    row = {**stats.to_dict(), "we_time_s": seconds}
+    rows = [r for r in t.history if r["epoch"] == epoch]
+    (rows[-1] if rows else t.history.append(OrderedDict(epoch=epoch)) or t.history[-1]).update(row)
+    t.we_records.append({"epoch": epoch, **row, "inferior": dict(stats.inferior), "skipped": list(stats.skipped)})
+    _logger.info(
+        f"WE step {epoch}: {row['we_inferior']} inferior filters evolved, {row['we_changed']} values changed "
+        f"(rate conv {row.get('we_rate_conv', 0.0):.4f}) in {seconds * 1000:.1f} ms"
+    )

@@ -1,0 +1,304 @@
+"""Training state, checkpoints kept timm's way, and resume.
+
+A training state (`last.pth.tar`, `checkpoint-<epoch>.pth.tar`) holds everything `--resume` needs: model,
+EMA, optimizer, loss scaler, WE state, epoch and update counters, the checkpoint ranking, the summary rows and
+the arguments; it loads with `torch.load(weights_only=True)`. No RNG state is kept: every epoch re-seeds
+Python, NumPy and torch from (seed, epoch, rank) (`engine.seed_epoch`), so a resumed epoch draws the same
+numbers as the uninterrupted one.
+
+`CheckpointKeeper` decides which epochs are kept (timm's `CheckpointSaver` policy) and writes their files.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch
+from accelerate.utils import gather_object
+
+from .checkpoint import atomic_save, ema_sibling, is_safetensors_file, load_into_model, save_safetensors, torch_load
+from .errors import one_line
+from .files import json_safe, link_or_copy, remove
+
+if TYPE_CHECKING:
+    from .engine import Trainer
+
+_logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "we_timm.train_state"
+STATE_VERSION = 1
+WEIGHTS_EXT = ".safetensors"
+STATE_EXT = ".pth.tar"
+# arguments that may differ on resume without a warning: where and how verbosely, not what, is trained
+QUIET_ARGS = {"resume", "output", "experiment", "start_epoch", "config", "log_interval", "workers", "debug",
+              "log_tensorboard", "pin_mem", "checkpoint_hist"}
+
+
+# ----------------------------------------------------------------------------- reading states and resume
+
+
+def check_state(state: Any, path: str) -> dict[str, Any]:
+    """The training state in `state` (as loaded from `path`), or ValueError saying why not."""
+    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+        raise ValueError(
+            f"{path} is not a we_timm training state (last.pth.tar / checkpoint-N.pth.tar); "
+            "use --initial-checkpoint to start from model weights"
+        )
+    if int(state.get("version", 0)) > STATE_VERSION:
+        raise ValueError(f"{path} has training-state version {state['version']}, this train.py reads <= {STATE_VERSION}")
+    return dict(state)
+
+
+def load_state(path: str, mmap: bool = False) -> dict[str, Any]:
+    """A training state written by `save_checkpoint` (ValueError for anything else)."""
+    if is_safetensors_file(path):
+        raise ValueError(
+            f"--resume {path} holds model weights only; resume from last.pth.tar or checkpoint-N.pth.tar, "
+            "or start from these weights with --initial-checkpoint"
+        )
+    try:
+        state = torch_load(path, mmap=mmap)
+    except Exception as e:  # corrupt, truncated or foreign pickles
+        raise ValueError(f"cannot read training state {path}: {one_line(e)[:200]}") from None
+    return check_state(state, path)
+
+
+def newest_state(folder: str) -> str | None:
+    """The training state of `folder` with the highest epoch (last.pth.tar on ties); None if it holds none.
+
+    Files that cannot be read as a training state are skipped with a warning; ValueError if there are
+    some and none is readable (starting over would overwrite a run that only needs repair).
+    """
+    if not os.path.isdir(folder):
+        return None
+    names = ["last" + STATE_EXT] + sorted(n for n in os.listdir(folder)
+                                         if n.startswith("checkpoint-") and n.endswith(STATE_EXT))
+    best, best_epoch, unreadable = None, -1, []
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            epoch = int(load_state(path, mmap=True)["epoch"])
+        except ValueError as e:  # unreadable: truncated by a crash outside our atomic writes, or foreign
+            _logger.warning(f"skipping {path}: {one_line(e)[:200]}")
+            unreadable.append(name)
+            continue
+        if epoch > best_epoch:
+            best, best_epoch = path, epoch
+    if best is None and unreadable:
+        raise ValueError(f"{folder} holds training states but none is readable ({', '.join(unreadable)}); "
+                         "resume one explicitly with --resume PATH, or start a new --experiment")
+    return best
+
+
+def resolve_resume(resume: str, output: str, experiment: str) -> str:
+    """`--resume` as a file: "auto" and a run folder become the folder's newest complete training state.
+
+    "auto" resumes `<output>/<experiment>` and stays "auto" (start the run) while there is no state yet;
+    a folder without one is an error. A file path is returned as it is.
+    """
+    if resume != "auto" and not os.path.isdir(resume):
+        return resume
+    if resume == "auto" and not experiment:
+        raise ValueError("--resume auto needs --experiment: it resumes the run folder <--output>/<--experiment>")
+    folder = os.path.join(output or "./output/train", experiment) if resume == "auto" else resume
+    path = newest_state(folder)
+    if path is None and resume != "auto":
+        raise ValueError(f"--resume {folder}: no last.pth.tar or checkpoint-N.pth.tar in this folder")
+    if path is None:
+        _logger.warning(f"--resume auto: no training state in {folder} yet; starting the run")
+    return path or "auto"
+
+
+def saved_args(path: str) -> dict[str, Any]:
+    """The arguments a training state was trained with, set to continue in the folder the state is in
+    (even if it was moved): the defaults of a resumed run, below the CLI and YAML."""
+    saved = {k: v for k, v in load_state(path, mmap=True).get("args", {}).items()
+             if k not in ("resume", "config", "start_epoch")}
+    folder = os.path.dirname(os.path.abspath(path))
+    saved.update(output=os.path.dirname(folder), experiment=os.path.basename(folder))
+    return saved
+
+
+def check_resumable(args: Any, saved: dict[str, Any], path: str) -> None:
+    """Refuse a resume whose settings contradict the checkpoint's in a way training cannot continue from."""
+    refuse = [("model", "--model")]
+    if args.weight_evolution and saved.get("weight_evolution"):
+        refuse.append(("we_variant", "--we-variant"))  # one variant's counters and schedule mean nothing to the other
+    for key, flag in refuse:
+        if key in saved and getattr(args, key) != saved[key]:
+            raise ValueError(f"cannot resume {path}: it was trained with {flag} {saved[key]}, "
+                             f"not {getattr(args, key)}; start a new run (--initial-checkpoint to start from its weights)")
+
+
+def warn_changed_args(args: Any, saved: dict[str, Any]) -> None:
+    """torchtune-style: say which settings differ from the checkpointed run's."""
+    now = json_safe(vars(args))
+    changed = sorted(k for k in now if k not in QUIET_ARGS and k in saved and now[k] != saved[k])
+    if changed:
+        _logger.warning("resuming with settings that differ from the checkpoint's: "
+                        + ", ".join(f"{k}={now[k]!r} (was {saved[k]!r})" for k in changed))
+
+
+def check_same_start(num_processes: int, resume: str, state: dict[str, Any] | None) -> None:
+    """Every process must resume the same state (each picks it: `--resume auto` reads the run folder)."""
+    if num_processes < 2:
+        return
+    mine = (os.path.abspath(resume) if resume and resume != "auto" else "", None if state is None else state["epoch"])
+    every = gather_object([mine])
+    if any(other != every[0] for other in every):
+        starts = ", ".join(f"process {i}: {path or 'a new run'} (epoch {epoch})"
+                           for i, (path, epoch) in enumerate(every))
+        raise ValueError(f"the processes would start from different states ({starts}); the run folder must be on "
+                         "a filesystem every process sees, unchanged while the run starts")
+
+
+# ----------------------------------------------------------------------------- saving and restoring a Trainer
+
+
+def training_state(t: Trainer, epoch: int) -> dict[str, Any]:
+    """Everything --resume needs, loadable with `torch.load(weights_only=True)`."""
+    scaler = t.accelerator.scaler
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "epoch": epoch,
+        "num_updates": t.num_updates,
+        "model": t.raw_model.state_dict(),
+        "model_ema": None if t.model_ema is None else t.model_ema.module.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": json_safe(t.scheduler.state_dict()),  # informative: rebuilt from args on resume
+        "scaler": None if scaler is None else scaler.state_dict(),
+        "we": None if t.we is None else t.we.state_dict(),
+        "checkpoints": t.keeper.state_dict(),
+        "history": json_safe(t.history),
+        "we_records": json_safe(t.we_records),
+        "args": json_safe(vars(t.args)),
+    }
+
+
+def save_checkpoint(t: Trainer, epoch: int, metrics: dict[str, dict]) -> None:
+    """The main process writes `last` (weights and state) and the kept copies; the others write nothing."""
+    if t.out_dir is None:
+        return
+
+    def weights(module: torch.nn.Module, kind: str) -> tuple[dict, dict]:
+        sd = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        return sd, {**t.meta, "epoch": epoch, "metrics": metrics[kind], "ema": kind == "ema"}
+
+    files = {"model": weights(t.raw_model, "model")}
+    if t.model_ema is not None:
+        files["ema"] = weights(t.model_ema.module, "ema")
+    metric = metrics["ema" if t.model_ema is not None else "model"][t.args.eval_metric]
+    if t.keeper.save(epoch, metric, files, lambda: training_state(t, epoch)):
+        _logger.info(f"New best {t.args.eval_metric} {metric:.4f} at epoch {epoch}")
+
+
+def restore_state(t: Trainer, state: dict[str, Any]) -> int:
+    """Load a training state (model weights already in) into the unprepared objects; returns the next epoch."""
+    if t.model_ema is not None and state.get("model_ema") is not None:
+        load_into_model(t.model_ema.module, state["model_ema"])
+    elif t.model_ema is not None:
+        _logger.warning("the checkpoint has no EMA weights; EMA starts from the resumed model weights")
+    if not t.args.no_resume_opt:
+        t.optimizer.load_state_dict(state["optimizer"])
+    if t.we is not None and state.get("we") is not None:
+        t.we.load_state_dict(state["we"])
+    t.keeper.load_state_dict(state.get("checkpoints", {}))
+    t.num_updates = int(state.get("num_updates", 0))
+    t.history = [dict(r) for r in state.get("history", []) if r.get("epoch", -1) <= state["epoch"]]
+    t.we_records = [dict(r) for r in state.get("we_records", []) if r.get("epoch", -1) < state["epoch"]]
+    warn_changed_args(t.args, state.get("args", {}))
+    return int(state["epoch"]) + 1
+
+
+# ----------------------------------------------------------------------------- which checkpoints are kept
+
+
+class CheckpointKeeper:
+    """timm `CheckpointSaver`'s policy: `last`, the `max_history` best epochs, and `model_best`.
+
+    Bookkeeping (`kept`, `best`) is part of the training state so a resumed run
+    keeps ranking against the checkpoints already on disk.
+    """
+
+    def __init__(self, out_dir: str | None, max_history: int = 10, decreasing: bool = False):
+        self.out_dir = out_dir
+        self.max_history = max(0, int(max_history))
+        self.decreasing = decreasing
+        self.kept: list[tuple[float, int]] = []  # (metric, epoch), best first
+        self.best: tuple[float, int] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kept": [list(k) for k in self.kept], "best": None if self.best is None else list(self.best)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.kept = [(float(m), int(e)) for m, e in state.get("kept", [])]
+        best = state.get("best")
+        self.best = None if best is None else (float(best[0]), int(best[1]))
+
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.decreasing else a > b
+
+    def rank(self, epoch: int, metric: float) -> tuple[bool, list[int], bool]:
+        """Update bookkeeping for a new epoch: (keep it, epochs evicted, is new best)."""
+        is_best = self.best is None or self._better(metric, self.best[0])
+        if is_best:
+            self.best = (metric, epoch)
+        kept = [k for k in self.kept if k[1] != epoch] + [(metric, epoch)]
+        kept.sort(key=lambda k: k[0], reverse=not self.decreasing)  # stable: earlier epoch first on ties
+        evicted = [e for _, e in kept[self.max_history:]]
+        self.kept = kept[: self.max_history]
+        keep = epoch not in evicted and self.max_history > 0
+        return keep, evicted, is_best
+
+    def path(self, stem: str, ext: str = WEIGHTS_EXT) -> str:
+        return os.path.join(self.out_dir, stem + ext)
+
+    def save(
+        self,
+        epoch: int,
+        metric: float,
+        weights: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]],
+        make_state: Callable[[], dict[str, Any]],
+    ) -> bool:
+        """Write `last.*`, then keep copies as `checkpoint-<epoch>.*` / `model_best.*`; returns is-best.
+
+        `weights` maps "model" (and "ema") to `(state_dict, metadata)`;
+        `make_state()` builds the training state after the bookkeeping is updated.
+        """
+        keep, evicted, is_best = self.rank(epoch, metric)
+        files = self._write_last(weights, make_state())
+        if keep:
+            for src in files:
+                link_or_copy(src, _restem(src, f"checkpoint-{epoch}"))
+        if is_best:
+            for src in files:
+                if src.endswith(WEIGHTS_EXT):
+                    link_or_copy(src, _restem(src, "model_best"))
+        for old in evicted:
+            if old != epoch:
+                for src in files:
+                    remove(_restem(src, f"checkpoint-{old}"))
+        return is_best
+
+    def _write_last(self, weights: Mapping[str, tuple[Any, Any]], state: dict[str, Any]) -> list[str]:
+        files = []
+        for kind, (sd, meta) in weights.items():
+            path = self.path("last")
+            path = ema_sibling(path) if kind == "ema" else path
+            save_safetensors(path, sd, meta)
+            files.append(path)
+        state_path = self.path("last", STATE_EXT)
+        atomic_save(state, state_path)
+        files.append(state_path)
+        return files
+
+
+def _restem(path: str, stem: str) -> str:
+    """`run/last_ema.safetensors` -> `run/<stem>_ema.safetensors`."""
+    folder, name = os.path.split(path)
+    assert name.startswith("last"), name
+    return os.path.join(folder, stem + name[len("last"):])
