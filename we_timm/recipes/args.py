@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     """train.py's full parser, unparsed (tests and tools reuse it)."""
     parser = ArgumentParser(prog="train.py", description="timm + Accelerate training with Weight Evolution")
     parser.add_argument("-c", "--config", default="", metavar="FILE", help="YAML file of argument defaults (CLI wins)")
-    for add in (_data_args, _model_args, _optim_args, _sched_args, _aug_args, _ema_args, _we_args, _misc_args):
+    for add in (_data_args, _model_args, _optim_args, _sched_args, _aug_args, _ema_args, add_we_args, _misc_args):
         add(parser)
     return parser
 
@@ -217,7 +217,8 @@ def _ema_args(parser):
     g.add_argument("--model-ema-warmup", action="store_true", help="EMA decay warmup")
 
 
-def _we_args(parser):
+def add_we_args(parser: argparse.ArgumentParser) -> None:
+    """The "Weight evolution" group: --weight-evolution and one --we-<field> per WEConfig field (train.py, inspect)."""
     d = WEConfig()
     g = parser.add_argument_group("Weight evolution", "WEConfig fields (WE_SPEC.md), used with --weight-evolution")
     g.add_argument("--weight-evolution", action=argparse.BooleanOptionalAction, default=False,
