@@ -31,6 +31,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import InitProcessGroupKwargs
 from timm import utils
 from timm.data import Mixup, resolve_data_config
+from timm.layers import convert_sync_batchnorm
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -43,7 +44,8 @@ from we_timm.recipes import errors, files, state
 from we_timm.recipes.args import get_args_parser, mixup_active, parse_args, we_config_from_args  # noqa: F401
 from we_timm.recipes.checkpoint import load_into_model, load_weights
 from we_timm.recipes.data import build_train_loaders, load_train_data
-from we_timm.recipes.engine import Trainer, evaluate, evolve, mixed_precision, seed_epoch, train_one_epoch
+from we_timm.recipes.engine import (Trainer, bind_evolution, check_backend, evaluate, evolve, mixed_precision,
+                                    seed_epoch, train_one_epoch)
 
 _logger = logging.getLogger("train")
 
@@ -144,9 +146,12 @@ def resolve_lr(args: argparse.Namespace, world_size: int) -> None:
 
 def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str, Any] | None]:
     """Build data, model, optimizer, schedule, EMA and WE, and load --resume state. Nothing is written yet."""
+    check_backend(acc, args)
     utils.random_seed(args.seed, 0)  # same initial weights on every rank
     train_set, val_set, num_classes = load_train_data(args)
     model, model_kwargs = build_model(args, args.num_classes or num_classes)
+    if args.sync_bn and acc.num_processes > 1:  # timm: only when distributed; before EMA, WE and DDP see the model
+        model = convert_sync_batchnorm(model)
     args.num_classes = getattr(model, "num_classes", None) or args.num_classes or num_classes
     data_config = resolve_data_config(vars(args), model=model, verbose=acc.is_main_process)
     loader_train, loader_eval = acc.prepare(*build_train_loaders(args, data_config, train_set, val_set))
@@ -226,6 +231,7 @@ def start(t: Trainer, resumed: dict[str, Any] | None) -> int:
     start_epoch = state.restore_state(t, resumed) if resumed is not None else 0
     make_output_dir(t)
     t.model, t.optimizer = acc.prepare(t.model, t.optimizer)
+    t.we = bind_evolution(acc, t.model, t.we)  # WE edits the parameters that train (FSDP shards them in prepare)
     if resumed is not None and acc.scaler is not None and resumed.get("scaler") is not None:
         acc.scaler.load_state_dict(resumed["scaler"])
     if args.torchcompile:

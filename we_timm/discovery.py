@@ -7,6 +7,7 @@ selection (spec "Units, layers and pools").
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -35,8 +36,7 @@ class Unit:
         """(filters, slices, elements per slice)."""
         p = self.param
         if self.pool in ("conv", "linear"):
-            n, s = p.shape[0], p.shape[1]
-            return n, s, p[0, 0].numel()
+            return p.shape[0], p.shape[1], math.prod(p.shape[2:])  # from the shape: a sharded DTensor too
         return p.numel(), 1, 1
 
 

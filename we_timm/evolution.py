@@ -18,6 +18,25 @@ _log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
+def full_value(p: Tensor) -> Tensor:
+    """The parameter's whole value, detached. A DTensor (a shard of torch FSDP2's `fully_shard`) is gathered:
+    a collective, which every rank reaches in the same order (units are visited in one fixed order)."""
+    p = p.detach()
+    return p.full_tensor() if is_dtensor(p) else p
+
+
+def is_dtensor(p: Tensor) -> bool:
+    return callable(getattr(p, "full_tensor", None)) and hasattr(p, "device_mesh")
+
+
+def write_shard(p: Tensor, full: Tensor) -> None:
+    """Store a full value into a DTensor parameter: every rank keeps its own slice (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+    p.detach().to_local().copy_(local)
+
+
 class Member(NamedTuple):
     """A unit at step start: its float32 (n, S, K) weights and filter importances."""
 
@@ -63,7 +82,10 @@ class WeightEvolution:
     Usage: ``we = WeightEvolution(model, WEConfig(...)); stats = we.step(epoch)``.
     `model` may be wrapped by DDP, `torch.compile` or Accelerate: the wrapped
     module is unwrapped and its parameters are edited in place under
-    `torch.no_grad()`, in float32, identically on every rank.
+    `torch.no_grad()`, in float32, identically on every rank. Parameters sharded
+    by torch FSDP2 (`fully_shard`, DTensor) are gathered whole, evolved
+    identically on every rank, and written back to each rank's shard; `step`
+    is then a collective that every rank must call.
     """
 
     def __init__(self, model: nn.Module, config: WEConfig | None = None):
@@ -122,7 +144,7 @@ class WeightEvolution:
         """Each pool's units with step-start weights; layers holding NaN/inf are skipped whole."""
         read, finite = [], []
         for unit in self.units:
-            w = unit.param.detach().float().reshape(unit.shape3)
+            w = full_value(unit.param).float().reshape(unit.shape3)
             l1 = ops.l1_norms(w)
             finite.append(torch.isfinite(l1).all())  # any NaN/inf element makes its filter's norm non-finite
             read.append(Member(unit, w, l1, l1 / w.shape[1]))  # Eq. (1): average L1
@@ -206,7 +228,11 @@ class WeightEvolution:
         diff = new != old.to(p.dtype)
         stats.changed += int(diff.sum())
         stats.abs_change_sum += float((new.float() - old).abs()[diff].sum())
-        if p.is_contiguous():
+        if is_dtensor(p):  # an FSDP2 shard: edit the whole value, keep this rank's slice
+            buf = full_value(p).reshape(unit.shape3).clone()
+            buf[idx] = new
+            write_shard(p, buf.view(p.shape))
+        elif p.is_contiguous():
             p.view(unit.shape3)[idx] = new
         else:  # e.g. channels_last conv weights: edit a copy, write back through the strides
             buf = p.reshape(unit.shape3).clone()

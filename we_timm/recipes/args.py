@@ -204,6 +204,8 @@ def _aug_args(parser):
     g.add_argument("--bn-eps", type=float, default=None, help="BatchNorm epsilon override")
     g.add_argument("--dist-bn", type=str, default="reduce", choices=("reduce", "broadcast", ""),
                    help="share BN running stats across ranks each epoch")
+    g.add_argument("--sync-bn", action="store_true", default=False,
+                   help="synchronized BatchNorm across processes (torch SyncBatchNorm; CUDA only)")
     g.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
                    help="how long a process waits for the others in a collective before failing "
                         "(default: the backend's, 30 min for gloo, 10 min for NCCL)")

@@ -37,6 +37,32 @@ def mixed_precision(amp: bool, amp_dtype: str | None) -> str | None:
     return PRECISIONS[amp_dtype] if amp else None
 
 
+def check_backend(acc: Accelerator, args: argparse.Namespace) -> None:
+    """Refuse what this Accelerate setup cannot do, before anything is built or written.
+
+    DeepSpeed keeps the fp32 master weights inside its optimizer: WE would edit copies that do not train.
+    SyncBatchNorm runs on CUDA devices only.
+    """
+    if args.weight_evolution and acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("--weight-evolution does not run under DeepSpeed: its fp32 master weights live in the "
+                         "DeepSpeed optimizer, where WE cannot edit them; use DDP or FSDP (accelerate config)")
+    if args.sync_bn and acc.device.type != "cuda":
+        raise ValueError(f"--sync-bn needs CUDA devices (torch SyncBatchNorm), this run is on {acc.device.type}")
+
+
+def bind_evolution(acc: Accelerator, model: nn.Module, we: WeightEvolution | None) -> WeightEvolution | None:
+    """`we` (config and state) re-bound to the parameters of the prepared `model`: the ones that train.
+
+    Under FSDP, `prepare` replaces the parameters WE was built on by sharded ones; under DDP they are the
+    same objects, and re-binding changes nothing.
+    """
+    if we is None:
+        return None
+    bound = WeightEvolution(acc.unwrap_model(model), we.config)
+    bound.load_state_dict(we.state_dict())
+    return bound
+
+
 @dataclass
 class Trainer:
     """The run's objects, shared by the epoch functions (instead of timm's 15-argument train_one_epoch)."""

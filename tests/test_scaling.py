@@ -1,0 +1,185 @@
+"""Issue 11, scaling out on CPU: WE on FSDP2 shards, two "nodes" on loopback, SyncBN / DeepSpeed refusals, WE bound
+after `prepare`, and the shipped ImageNet recipe end to end on an ImageNet-shaped folder with 2 DDP processes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import timm
+import torch
+from accelerate.utils import DistributedType
+from torch import nn
+
+import train
+from helpers import perturb
+from test_train import DIGITS, ROOT, TINY, _free_port, no_time, read_csv, subprocess_env
+from we_timm import WEConfig, WeightEvolution
+from we_timm.recipes import engine
+from we_timm.recipes.checkpoint import load_weights
+from we_timm.recipes.state import load_state
+
+FAULT_RUNNER = str(ROOT / "tests" / "fault_runner.py")
+
+
+def test_fsdp2_shards_evolve_like_the_whole_model(tmp_path: Path):
+    """torchrun, 2 processes, gloo, `fully_shard` over a CPU mesh: two WE steps on the shards equal the
+    unsharded model's, bit for bit, with the same stats; the sharded forward then sees the evolved values."""
+    out = tmp_path / "fsdp2.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(ROOT / "tests" / "fsdp2_worker.py"), str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert set(report) == {"resnet18/paper", "resnet18/official", "odd_net/paper", "odd_net/official"}
+    for case, r in report.items():
+        assert r["sharded_params"] == r["params"] > 0, (case, r)  # every parameter really is split over 2 ranks
+        assert r["bitwise_equal"] == r["params"] and r["max_abs_diff"] == 0.0, (case, r)
+        assert r["stats_equal"] and r["same_output"] and r["changed"] > 0, (case, r)
+
+
+def test_bind_evolution_follows_replaced_parameters():
+    """FSDP's `prepare` replaces the parameters: WE is re-bound to the new ones, keeping config and state."""
+    model = perturb(timm.create_model("test_resnet", num_classes=3), seed=0)
+    we = WeightEvolution(model, WEConfig(variant="official", rate=0.3, gamma=0.3))
+    we.step(0)
+    prepared = nn.Module()
+    prepared.module = perturb(timm.create_model("test_resnet", num_classes=3), seed=1)  # new parameter objects
+    acc = SimpleNamespace(unwrap_model=lambda m: m.module)
+    bound = engine.bind_evolution(acc, prepared, we)
+    new_params = {id(p) for p in prepared.module.parameters()}
+    assert bound.units and all(id(u.param) in new_params for u in bound.units)
+    assert bound.state_dict() == we.state_dict() and bound.config == we.config
+    assert engine.bind_evolution(acc, prepared, None) is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sync-bn"], "error: --sync-bn needs CUDA devices (torch SyncBatchNorm), this run is on cpu"),
+])
+def test_backend_refusals_are_one_line(tmp_path: Path, argv, message):
+    with pytest.raises(SystemExit) as e:
+        train.cli([*TINY, *DIGITS, "--epochs", "1", *argv, "--output", str(tmp_path / "out")])
+    assert str(e.value.code) == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_deepspeed_refuses_weight_evolution():
+    acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, device=torch.device("cuda"))
+    with pytest.raises(ValueError, match="--weight-evolution does not run under DeepSpeed"):
+        engine.check_backend(acc, SimpleNamespace(weight_evolution=True, sync_bn=False))
+    engine.check_backend(acc, SimpleNamespace(weight_evolution=False, sync_bn=True))  # the baseline may use it
+
+
+def test_sync_bn_conversion_keeps_the_evolved_units():
+    """timm's convert_sync_batchnorm (what --sync-bn does) swaps BN modules; WE finds the same units in them."""
+    from timm.layers import convert_sync_batchnorm
+
+    model = timm.create_model("resnet18", num_classes=10)
+    before = [(u.name, u.pool, u.groups) for u in WeightEvolution(model).units]
+    synced = convert_sync_batchnorm(model)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+    assert [(u.name, u.pool, u.groups) for u in WeightEvolution(synced).units] == before
+
+
+# ----------------------------------------------------------------------------- two nodes on the loopback address
+
+NODE_ARGS = [*TINY, *DIGITS, "-b", "16", "--epochs", "3", "--weight-evolution", "--model-ema"]
+
+
+def _two_nodes(script: list[str], argv: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Two `accelerate launch` "machines" (one CPU process each) meeting at 127.0.0.1."""
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", *script, *argv]
+        procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=subprocess_env(ACCELERATE_USE_CPU="1")))
+    deadline = time.monotonic() + 300
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, ""))
+    return results
+
+
+def test_two_nodes_with_we_and_resume_after_kill(tmp_path: Path):
+    """`--num_machines 2 --machine_rank 0|1 --main_process_ip 127.0.0.1`: WE steps leave both ranks identical;
+    both killed mid-epoch 1, `--resume auto` on both ends bit-identical to the uninterrupted two-node run."""
+    where = ["--output", str(tmp_path / "out")]
+    full = _two_nodes([str(ROOT / "train.py")], [*NODE_ARGS, *where, "--experiment", "full"], tmp_path)
+    assert [p.returncode for p in full] == [0, 0], full[0].stdout[-3000:] + full[1].stdout[-3000:]
+    assert "2 process(es)" in full[0].stdout
+    assert full[0].stdout.count("parameters, BN statistics and EMA identical on 2 ranks") == 2  # after epochs 0, 1
+
+    killed = _two_nodes([FAULT_RUNNER, "--fault", "kill:train:1"], [*NODE_ARGS, *where, "--experiment", "run"],
+                        tmp_path)
+    assert all(p.returncode != 0 for p in killed)
+    assert load_state(str(tmp_path / "out" / "run" / "last.pth.tar"))["epoch"] == 0
+    resumed = _two_nodes([str(ROOT / "train.py")], [*NODE_ARGS, *where, "--experiment", "run", "--resume", "auto"],
+                         tmp_path)
+    assert [p.returncode for p in resumed] == [0, 0], resumed[0].stdout[-3000:] + resumed[1].stdout[-3000:]
+    for name in ("last.safetensors", "last_ema.safetensors"):
+        a, _ = load_weights(tmp_path / "out" / "full" / name)
+        b, meta = load_weights(tmp_path / "out" / "run" / name)
+        assert meta["epoch"] == 2 and all(torch.equal(a[k], b[k]) for k in a), name
+    rows = read_csv(tmp_path / "out" / "run" / "summary.csv")
+    assert no_time(rows) == no_time(read_csv(tmp_path / "out" / "full" / "summary.csv"))
+
+
+# ----------------------------------------------------------------------------- ImageNet dress rehearsal
+
+
+def make_imagenet_like(root: Path, classes: int = 20, train: int = 3, val: int = 1) -> Path:
+    """train/ and validation/ folders of real JPEGs at ImageNet's typical sizes, WordNet-style class ids."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    sizes = [(500, 375), (500, 333), (375, 500), (640, 480), (400, 400)]
+    for split, n in (("train", train), ("validation", val)):
+        for c in range(classes):
+            folder = root / split / f"n{1440764 + 97 * c:08d}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                w, h = sizes[(c + i) % len(sizes)]
+                base = rng.integers(0, 256, 3)
+                pixels = np.clip(base + rng.normal(0, 40, (h // 8, w // 8, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).resize((w, h), Image.BILINEAR).save(folder / f"img_{i}.JPEG", quality=85)
+    return root
+
+
+def test_imagenet_recipe_dress_rehearsal(tmp_path: Path):
+    """hparams/imagenet_resnet34_we.yaml, unchanged but for epochs, samples, batch size and workers, on 2 DDP
+    processes: its transforms (224 px crops of JPEGs), step schedule, WE and checkpoints run end to end, and
+    validate.py reads the result back with no extra flags."""
+    data = make_imagenet_like(tmp_path / "imagenet")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_free_port())]
+    cmd = [*launcher, str(ROOT / "train.py"), "-c", str(ROOT / "hparams" / "imagenet_resnet34_we.yaml"),
+           "--data-dir", str(data), "--output", str(tmp_path / "out"),
+           "--epochs", "2", "--train-num-samples", "60", "-b", "4", "-vb", "4", "--workers", "1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=subprocess_env(ACCELERATE_USE_CPU="1"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run = tmp_path / "out" / "imagenet-resnet34-we"
+    rows = read_csv(run / "summary.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1"] and rows[0]["we_changed"] != "" and rows[1]["we_changed"] == ""
+    weights, meta = load_weights(run / "model_best.safetensors")
+    assert meta["architecture"] == "resnet34" and meta["num_classes"] == 1000
+    assert meta["data_config"]["input_size"] == [3, 224, 224] and meta["data_config"]["crop_pct"] == 0.875
+    assert meta["we_config"]["beta"] == 2.0 and meta["we_config"]["eta"] == 8.0 and meta["args"]["lr"] == 0.1
+    assert "parameters, BN statistics identical on 2 ranks" in proc.stdout + proc.stderr
+    val = subprocess.run([sys.executable, str(ROOT / "validate.py"), "--checkpoint", str(run / "model_best.safetensors"),
+                          "--workers", "0", "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env=subprocess_env())
+    assert val.returncode == 0, val.stderr[-3000:]
+    result = json.loads(val.stdout.split("--result", 1)[1])
+    assert result["num_samples"] == 20 and result["img_size"] == 224
+    assert result["top1"] == pytest.approx(meta["metrics"]["top1"])
