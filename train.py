@@ -45,7 +45,7 @@ from we_timm.recipes.args import get_args_parser, mixup_active, parse_args, we_c
 from we_timm.recipes.checkpoint import load_into_model, load_weights
 from we_timm.recipes.data import build_train_loaders, load_train_data
 from we_timm.recipes.engine import (Trainer, bind_evolution, check_backend, evaluate, evolve, mixed_precision,
-                                    seed_epoch, train_one_epoch)
+                                    train_one_epoch)
 
 _logger = logging.getLogger("train")
 
@@ -251,10 +251,12 @@ def run_epochs(t: Trainer, start_epoch: int) -> None:
     """Per epoch: train -> evaluate -> checkpoint -> weight evolution (none after the last epoch)."""
     args, acc = t.args, t.accelerator
     for epoch in range(start_epoch, t.num_epochs):
-        seed_epoch(args.seed, epoch, acc.process_index)
-        t.loader_train.set_epoch(epoch)
+        t.loader_train.set_epoch(epoch)  # the epoch's sample order and augmentation seeds
+        loader, resume, t.resume_point = t.loader_train, t.resume_point, None
+        if resume is not None:  # a recovery state: continue after its updates (the sampler skips, nothing is read)
+            loader = acc.skip_first_batches(loader, resume.updates * args.grad_accum_steps)
         begin = time.perf_counter()
-        train_metrics = train_one_epoch(epoch, t, t.loader_train)
+        train_metrics = train_one_epoch(epoch, t, loader, resume)
         seconds = time.perf_counter() - begin
         if acc.num_processes > 1 and args.dist_bn:  # timm: the model's and the EMA's BN running stats
             for model in (t.raw_model, t.model_ema):

@@ -50,9 +50,9 @@ def install(spec: str) -> None:
 
     one_epoch = train.train_one_epoch
 
-    def train_one_epoch(e, t, loader):
+    def train_one_epoch(e, t, loader, resume=None):
         now.update(epoch=e, updates=0)
-        return one_epoch(e, t, loader)
+        return one_epoch(e, t, loader, resume)
 
     train.train_one_epoch = train_one_epoch
 

@@ -3,6 +3,7 @@ after `prepare`, and the shipped ImageNet recipe end to end on an ImageNet-shape
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -17,11 +18,12 @@ from torch import nn
 
 import train
 from helpers import perturb
-from test_train import DIGITS, ROOT, TINY, _free_port, no_time, read_csv, subprocess_env
+from test_reliability import DIGITS_RUN_ARGS, run_fault
+from test_train import DIGITS, ROOT, TINY, _free_port, digits_run, no_time, read_csv, run_train, subprocess_env  # noqa: F401
 from we_timm import WEConfig, WeightEvolution
 from we_timm.recipes import engine
 from we_timm.recipes.checkpoint import load_weights
-from we_timm.recipes.state import load_state
+from we_timm.recipes.state import atomic_save, load_state, newest_state
 
 FAULT_RUNNER = str(ROOT / "tests" / "fault_runner.py")
 
@@ -59,6 +61,7 @@ def test_bind_evolution_follows_replaced_parameters():
 
 @pytest.mark.parametrize("argv, message", [
     (["--sync-bn"], "error: --sync-bn needs CUDA devices (torch SyncBatchNorm), this run is on cpu"),
+    (["--recovery-interval", "-1"], "error: --recovery-interval must be >= 0, got -1"),
 ])
 def test_backend_refusals_are_one_line(tmp_path: Path, argv, message):
     with pytest.raises(SystemExit) as e:
@@ -83,6 +86,47 @@ def test_sync_bn_conversion_keeps_the_evolved_units():
     synced = convert_sync_batchnorm(model)
     assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
     assert [(u.name, u.pool, u.groups) for u in WeightEvolution(synced).units] == before
+
+
+# ----------------------------------------------------------------------------- recovery states (--recovery-interval)
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_recovery_state_resumes_mid_epoch_bitwise(digits_run: Path, tmp_path: Path, workers: str):  # noqa: F811
+    """Killed after update 2 of epoch 1 with a recovery state every update: `--resume auto` continues from the
+    recovery state of update 1 and ends bit-identical to the uninterrupted run (which wrote no recovery state and
+    read with no workers): same data order, augmentation, mixup, drop-path and WE step at the epoch's end."""
+    argv = [*DIGITS_RUN_ARGS, "--recovery-interval", "1", "--workers", workers,
+            "--output", str(tmp_path / "out"), "--experiment", "run"]
+    assert run_fault("kill:train:1", argv, cwd=tmp_path).returncode == -signal.SIGKILL
+    run = tmp_path / "out" / "run"
+    newest = newest_state(str(run))
+    assert newest == str(run / "recovery.pth.tar")
+    recovery = load_state(newest)
+    assert recovery["epoch"] == 0 and recovery["recovery"]["epoch"] == 1 and recovery["recovery"]["updates"] == 1
+    assert recovery["we"]["last_epoch"] == 0  # taken after epoch 0's WE step: it is not redone
+    run_train([*argv, "--resume", "auto"], cwd=tmp_path)
+    for name in ("last.safetensors", "last_ema.safetensors"):
+        a, _ = load_weights(digits_run / name)
+        b, meta = load_weights(run / name)
+        assert meta["epoch"] == 2 and all(torch.equal(a[k], b[k]) for k in a), name
+    assert no_time(read_csv(run / "summary.csv")) == no_time(read_csv(digits_run / "summary.csv"))
+    assert not (run / "recovery.pth.tar").exists()  # an epoch state newer than it replaced it
+
+
+def test_newest_state_orders_recovery_between_epochs(tmp_path: Path):
+    def state(name: str, epoch: int, updates: int | None = None) -> None:
+        s = {"format": "we_timm.train_state", "version": 1, "epoch": epoch, "args": {}}
+        if updates is not None:
+            s["recovery"] = {"epoch": epoch + 1, "updates": updates, "sums": [[0.0, 0.0, 0.0]]}
+        atomic_save(s, tmp_path / name)
+
+    state("checkpoint-0.pth.tar", 0)
+    state("last.pth.tar", 1)
+    state("recovery.pth.tar", 0, updates=5)  # mid-epoch 1: older than last.pth.tar (epoch 1 complete)
+    assert newest_state(str(tmp_path)) == str(tmp_path / "last.pth.tar")
+    state("recovery.pth.tar", 1, updates=1)  # mid-epoch 2
+    assert newest_state(str(tmp_path)) == str(tmp_path / "recovery.pth.tar")
 
 
 # ----------------------------------------------------------------------------- two nodes on the loopback address

@@ -253,6 +253,8 @@ def _misc_args(parser):
     g.add_argument("--log-interval", type=int, default=50, metavar="N", help="updates between training log lines")
     g.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
                    help="number of best checkpoints to keep (default: 10)")
+    g.add_argument("--recovery-interval", type=int, default=0, metavar="N",
+                   help="write recovery.pth.tar every N updates, replacing the previous one (default: 0, off)")
     g.add_argument("-j", "--workers", type=int, default=None, metavar="N",
                    help="data loading workers (default: 4 with a GPU, 0 on CPU)")
     g.add_argument("--amp", action="store_true", default=False,
@@ -304,6 +306,7 @@ def resolve_args(args: argparse.Namespace) -> None:
         (args.dist_timeout is None or args.dist_timeout > 0, f"--dist-timeout must be > 0, got {args.dist_timeout}"),
         (args.grad_accum_steps >= 1, f"--grad-accum-steps must be >= 1, got {args.grad_accum_steps}"),
         (args.log_interval >= 1, f"--log-interval must be >= 1, got {args.log_interval}"),
+        (args.recovery_interval >= 0, f"--recovery-interval must be >= 0, got {args.recovery_interval}"),
         (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
         (is_model(args.model) or ":" in args.model, f"unknown timm model {args.model!r} (see timm.list_models())"),
         (not (mixup_active(args) and args.batch_size % 2), f"mixup needs an even --batch-size, not {args.batch_size}"),

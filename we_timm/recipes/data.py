@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -115,6 +116,66 @@ class HeadSubset(torch.utils.data.Dataset):
         return self.dataset[index % self.num_samples]
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """One 63-bit seed per (run seed, epoch, index); also used per training step (index = step)."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2 ** 63)
+
+
+def seed_everything(key: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (what timm's transforms, mixup and dropout draw from)."""
+    random.seed(key)
+    np.random.seed(key % 2 ** 32)
+    torch.manual_seed(key)
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """A training set whose sample `i` of epoch `e` is read and augmented with every RNG seeded from (seed, e, i).
+
+    Keys are `e * len + i` (what `EpochShuffle` yields), so a sample's augmentation depends on nothing else: not
+    on the worker that reads it, on worker persistence, on what was read before, or on a resume mid-epoch.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    @property
+    def transform(self) -> Callable | None:
+        return getattr(self.dataset, "transform", None)
+
+    @transform.setter
+    def transform(self, value: Callable | None) -> None:
+        self.dataset.transform = value
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int) -> Any:
+        epoch, index = divmod(int(key), len(self.dataset))
+        seed_everything(sample_seed(self.seed, epoch, index))
+        return self.dataset[index]
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A random order of `n` samples per epoch, drawn from (seed, epoch) alone; yields `SeededSamples` keys.
+
+    `set_epoch` (called by Accelerate's loader) picks the epoch; the order never depends on history.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1)))
+        return iter((order + self.epoch * self.n).tolist())
+
+
 def num_classes_of(dataset: Any) -> int | None:
     """Class count a dataset declares (torchvision `classes`, timm readers' `class_to_idx`), else None."""
     for obj in (dataset, getattr(dataset, "dataset", None), getattr(dataset, "reader", None)):
@@ -202,14 +263,21 @@ def load_train_data(args: Any) -> tuple[Any, Any, int | None]:
 
 
 def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: Any) -> tuple[Any, Any]:
-    """timm transforms and loaders (no prefetcher: Accelerate places batches; sharding happens in `prepare`)."""
+    """timm transforms and loaders (no prefetcher: Accelerate places batches; sharding happens in `prepare`).
+
+    A map-style training set is read in `EpochShuffle` order through `SeededSamples`: every sample's
+    augmentation is seeded from (seed, epoch, index), so workers can persist and a run resumed mid-epoch
+    draws exactly what the uninterrupted run drew.
+    """
     from timm.data import create_loader
 
+    seeded = not isinstance(train_set, torch.utils.data.IterableDataset)
+    if seeded:
+        train_set = SeededSamples(train_set, args.seed)
     common = dict(
         input_size=data_config["input_size"], mean=data_config["mean"], std=data_config["std"],
         num_workers=args.workers, pin_memory=args.pin_mem, use_prefetcher=False, distributed=False,
-        persistent_workers=False,  # workers re-seeded each epoch from the (seed, epoch) RNG: exact resume
-        device=torch.device("cpu"),
+        persistent_workers=True, device=torch.device("cpu"),
     )
     interpolation = args.train_interpolation
     if args.no_aug or not interpolation:
@@ -225,6 +293,13 @@ def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: A
         interpolation=data_config["interpolation"], crop_pct=data_config["crop_pct"],
         crop_mode=data_config.get("crop_mode"), **common,
     )
+    if seeded:  # timm's loader, with the epoch-keyed order instead of its RandomSampler
+        loader_train = torch.utils.data.DataLoader(
+            train_set, batch_size=args.batch_size, sampler=EpochShuffle(len(train_set), args.seed), drop_last=True,
+            num_workers=loader_train.num_workers, collate_fn=loader_train.collate_fn,
+            pin_memory=loader_train.pin_memory, worker_init_fn=loader_train.worker_init_fn,
+            persistent_workers=loader_train.persistent_workers,
+        )
     return loader_train, loader_eval
 
 

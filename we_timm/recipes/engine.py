@@ -24,8 +24,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ..evolution import WeightEvolution
+from .data import sample_seed, seed_everything
 from .errors import DataError, NonFiniteLossError, RankMismatchError, read_batches
-from .state import CheckpointKeeper
+from .state import CheckpointKeeper, ResumePoint, save_recovery
 
 _logger = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Trainer:
     meta: dict[str, Any]  # safetensors metadata shared by every checkpoint of the run
     keeper: CheckpointKeeper
     out_dir: str | None = None  # the run folder, on the main process only
+    resume_point: ResumePoint | None = None  # where a recovery state left the first epoch
     num_updates: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # summary.csv rows
     we_records: list[dict[str, Any]] = field(default_factory=list)  # we_stats.jsonl lines
@@ -92,9 +94,11 @@ class Trainer:
         return -(-len(self.loader_train) // self.args.grad_accum_steps)
 
 
-def seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Seed Python/NumPy/torch from (seed, epoch, rank): augmentation and dropout then never depend on history."""
-    utils.random_seed(seed + 1000 * epoch, rank)
+def seed_step(seed: int, epoch: int, batch: int, rank: int) -> None:
+    """Seed Python/NumPy/torch from (seed, epoch, batch, rank) before each training batch: mixup, dropout and
+    drop-path then never depend on history (samples are seeded by `SeededSamples`), so a run resumed at any
+    update draws what the uninterrupted run drew."""
+    seed_everything(sample_seed(seed + 1_000_000_007 * (rank + 1), epoch, batch))
 
 
 def _clip(t: Trainer) -> None:
@@ -143,18 +147,20 @@ def _log_progress(t: Trainer, epoch: int, update_idx: int, loss: torch.Tensor, s
     )
 
 
-def train_one_epoch(epoch: int, t: Trainer, loader: Any) -> OrderedDict:
-    """One pass over `loader` with gradient accumulation, clipping, EMA and per-update LR steps."""
+def train_one_epoch(epoch: int, t: Trainer, loader: Any, resume: ResumePoint | None = None) -> OrderedDict:
+    """One pass over `loader` with gradient accumulation, clipping, EMA and per-update LR steps; a recovery
+    state every --recovery-interval updates. `resume`: `loader` starts after that point's updates."""
     args, acc = t.args, t.accelerator
     if t.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         t.mixup_fn.mixup_enabled = False
     t.model.train()
     # loss sum, loss sum over finite losses, samples with a finite loss: on the device, no host sync per step
-    sums = torch.zeros(3, device=acc.device)
-    update_idx, seen, start = 0, 0, time.perf_counter()
+    sums = torch.zeros(3, device=acc.device) if resume is None else torch.tensor(resume.sums, device=acc.device)
+    update_idx, seen, start = 0 if resume is None else resume.updates, 0, time.perf_counter()
     bar = tqdm(read_batches(loader, "training"), total=len(loader), desc=f"epoch {epoch}", leave=False,
                disable=None if acc.is_main_process else True)
-    for inputs, target in bar:
+    for batch_idx, (inputs, target) in enumerate(bar, start=update_idx * args.grad_accum_steps):
+        seed_step(args.seed, epoch, batch_idx, acc.process_index)
         if t.mixup_fn is not None:
             inputs, target = t.mixup_fn(inputs, target)
         if args.channels_last:
@@ -181,6 +187,8 @@ def train_one_epoch(epoch: int, t: Trainer, loader: Any) -> OrderedDict:
                 _log_progress(t, epoch, update_idx, loss, sums, seen, start)
         update_idx += 1
         t.scheduler.step_update(num_updates=t.num_updates)
+        if args.recovery_interval and update_idx % args.recovery_interval == 0 and update_idx < t.updates_per_epoch:
+            save_recovery(t, epoch, update_idx, sums)
     if hasattr(t.optimizer, "sync_lookahead"):
         t.optimizer.sync_lookahead()
     total = check_loss(t, sums, epoch, update_idx)

@@ -2,9 +2,11 @@
 
 A training state (`last.pth.tar`, `checkpoint-<epoch>.pth.tar`) holds everything `--resume` needs: model,
 EMA, optimizer, loss scaler, WE state, epoch and update counters, the checkpoint ranking, the summary rows and
-the arguments; it loads with `torch.load(weights_only=True)`. No RNG state is kept: every epoch re-seeds
-Python, NumPy and torch from (seed, epoch, rank) (`engine.seed_epoch`), so a resumed epoch draws the same
-numbers as the uninterrupted one.
+the arguments; it loads with `torch.load(weights_only=True)`. A recovery state (`recovery.pth.tar`, every
+--recovery-interval updates) is the same taken mid-epoch, plus how far the epoch got and each rank's loss sums.
+No RNG state is kept: every sample is augmented with RNGs seeded from (seed, epoch, index)
+(`data.SeededSamples`) and every training batch re-seeds from (seed, epoch, batch, rank) (`engine.seed_step`),
+so a resumed run draws the same numbers as the uninterrupted one, wherever it stopped.
 
 `CheckpointKeeper` decides which epochs are kept (timm's `CheckpointSaver` policy) and writes their files.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
@@ -26,13 +29,22 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
+RECOVERY = "recovery"  # recovery.pth.tar: the newest --recovery-interval state of the epoch in progress
 STATE_FORMAT = "we_timm.train_state"
 STATE_VERSION = 1
 WEIGHTS_EXT = ".safetensors"
 STATE_EXT = ".pth.tar"
 # arguments that may differ on resume without a warning: where and how verbosely, not what, is trained
 QUIET_ARGS = {"resume", "output", "experiment", "start_epoch", "config", "log_interval", "workers", "debug",
-              "log_tensorboard", "pin_mem", "checkpoint_hist"}
+              "log_tensorboard", "pin_mem", "checkpoint_hist", "recovery_interval"}
+
+
+@dataclass
+class ResumePoint:
+    """How far a recovery state (--recovery-interval) got into its epoch."""
+
+    updates: int  # optimizer updates done in the epoch
+    sums: list[float]  # this rank's loss sums so far (see engine.train_one_epoch)
 
 
 # ----------------------------------------------------------------------------- reading states and resume
@@ -64,29 +76,36 @@ def load_state(path: str, mmap: bool = False) -> dict[str, Any]:
     return check_state(state, path)
 
 
+def position(state: Mapping[str, Any]) -> tuple[int, int]:
+    """How far training had got: (last complete epoch, updates into the next one), ordered like time."""
+    recovery = state.get("recovery")
+    return int(state["epoch"]), int(recovery["updates"]) if recovery else 0
+
+
 def newest_state(folder: str) -> str | None:
-    """The training state of `folder` with the highest epoch (last.pth.tar on ties); None if it holds none.
+    """The training state of `folder` furthest into training (`position`: a recovery state mid-epoch is newer
+    than the epoch state before it; last.pth.tar on ties); None if it holds none.
 
     Files that cannot be read as a training state are skipped with a warning; ValueError if there are
     some and none is readable (starting over would overwrite a run that only needs repair).
     """
     if not os.path.isdir(folder):
         return None
-    names = ["last" + STATE_EXT] + sorted(n for n in os.listdir(folder)
-                                         if n.startswith("checkpoint-") and n.endswith(STATE_EXT))
-    best, best_epoch, unreadable = None, -1, []
+    names = ["last" + STATE_EXT, RECOVERY + STATE_EXT] + sorted(
+        n for n in os.listdir(folder) if n.startswith("checkpoint-") and n.endswith(STATE_EXT))
+    best, best_position, unreadable = None, (-2, 0), []
     for name in names:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
         try:
-            epoch = int(load_state(path, mmap=True)["epoch"])
+            where = position(load_state(path, mmap=True))
         except ValueError as e:  # unreadable: truncated by a crash outside our atomic writes, or foreign
             _logger.warning(f"skipping {path}: {one_line(e)[:200]}")
             unreadable.append(name)
             continue
-        if epoch > best_epoch:
-            best, best_epoch = path, epoch
+        if where > best_position:
+            best, best_position = path, where
     if best is None and unreadable:
         raise ValueError(f"{folder} holds training states but none is readable ({', '.join(unreadable)}); "
                          "resume one explicitly with --resume PATH, or start a new --experiment")
@@ -194,6 +213,18 @@ def save_checkpoint(t: Trainer, epoch: int, metrics: dict[str, dict]) -> None:
     metric = metrics["ema" if t.model_ema is not None else "model"][t.args.eval_metric]
     if t.keeper.save(epoch, metric, files, lambda: training_state(t, epoch)):
         _logger.info(f"New best {t.args.eval_metric} {metric:.4f} at epoch {epoch}")
+    remove(t.keeper.path(RECOVERY, STATE_EXT))  # older than the epoch state now on disk
+
+
+def save_recovery(t: Trainer, epoch: int, updates: int, sums: torch.Tensor) -> None:
+    """Collective: the training state `updates` updates into `epoch`, as `recovery.pth.tar` (replacing the
+    previous one atomically), written by the main process; timm's --recovery-interval."""
+    every = gather_object([sums.tolist()]) if t.accelerator.num_processes > 1 else [sums.tolist()]
+    if t.out_dir is None:
+        return
+    recovery = training_state(t, epoch - 1)
+    recovery["recovery"] = {"epoch": epoch, "updates": updates, "sums": every}
+    atomic_save(recovery, t.keeper.path(RECOVERY, STATE_EXT))
 
 
 def restore_state(t: Trainer, state: dict[str, Any]) -> int:
@@ -208,8 +239,16 @@ def restore_state(t: Trainer, state: dict[str, Any]) -> int:
         t.we.load_state_dict(state["we"])
     t.keeper.load_state_dict(state.get("checkpoints", {}))
     t.num_updates = int(state.get("num_updates", 0))
+    recovery = state.get("recovery")
+    stepped = int(state["epoch"]) + (recovery is not None)  # a recovery state is taken after its WE step
     t.history = [dict(r) for r in state.get("history", []) if r.get("epoch", -1) <= state["epoch"]]
-    t.we_records = [dict(r) for r in state.get("we_records", []) if r.get("epoch", -1) < state["epoch"]]
+    t.we_records = [dict(r) for r in state.get("we_records", []) if r.get("epoch", -1) < stepped]
+    if recovery is not None:
+        ranks, acc = recovery["sums"], t.accelerator
+        if len(ranks) != acc.num_processes:
+            raise ValueError(f"the recovery state was written by {len(ranks)} process(es), this run has "
+                             f"{acc.num_processes}: resume the epoch state instead (--resume .../last.pth.tar)")
+        t.resume_point = ResumePoint(int(recovery["updates"]), list(ranks[acc.process_index]))
     warn_changed_args(t.args, state.get("args", {}))
     return int(state["epoch"]) + 1
 
