@@ -70,11 +70,14 @@ def test_backend_refusals_are_one_line(tmp_path: Path, argv, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_deepspeed_refuses_weight_evolution():
+def test_deepspeed_refuses_weight_evolution_and_fsdp_is_refused():
     acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, device=torch.device("cuda"))
     with pytest.raises(ValueError, match="--weight-evolution does not run under DeepSpeed"):
         engine.check_backend(acc, SimpleNamespace(weight_evolution=True, sync_bn=False))
     engine.check_backend(acc, SimpleNamespace(weight_evolution=False, sync_bn=True))  # the baseline may use it
+    acc.distributed_type = DistributedType.FSDP
+    with pytest.raises(ValueError, match="cannot write FSDP-sharded checkpoints"):
+        engine.check_backend(acc, SimpleNamespace(weight_evolution=False, sync_bn=False))
 
 
 def test_sync_bn_conversion_keeps_the_evolved_units():

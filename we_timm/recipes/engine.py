@@ -42,8 +42,12 @@ def check_backend(acc: Accelerator, args: argparse.Namespace) -> None:
     """Refuse what this Accelerate setup cannot do, before anything is built or written.
 
     DeepSpeed keeps the fp32 master weights inside its optimizer: WE would edit copies that do not train.
-    SyncBatchNorm runs on CUDA devices only.
+    FSDP: WE itself handles sharded parameters, but checkpoints here are written from the main process's
+    `state_dict()`, which would not gather them. SyncBatchNorm runs on CUDA devices only.
     """
+    if acc.distributed_type == DistributedType.FSDP:
+        raise ValueError("train.py cannot write FSDP-sharded checkpoints yet: use DDP (WeightEvolution itself "
+                         "works on FSDP2 shards in your own loop)")
     if args.weight_evolution and acc.distributed_type == DistributedType.DEEPSPEED:
         raise ValueError("--weight-evolution does not run under DeepSpeed: its fp32 master weights live in the "
                          "DeepSpeed optimizer, where WE cannot edit them; use DDP or FSDP (accelerate config)")
