@@ -43,7 +43,7 @@ from we_timm import WeightEvolution
 from we_timm.recipes import errors, files, state
 from we_timm.recipes.args import get_args_parser, mixup_active, parse_args, we_config_from_args  # noqa: F401
 from we_timm.recipes.checkpoint import load_into_model, load_weights
-from we_timm.recipes.data import build_train_loaders, load_train_data
+from we_timm.recipes.data import build_train_loaders, load_train_data, prepare_loader
 from we_timm.recipes.engine import (Trainer, bind_evolution, check_backend, evaluate, evolve, mixed_precision,
                                     train_one_epoch)
 
@@ -154,7 +154,8 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
         model = convert_sync_batchnorm(model)
     args.num_classes = getattr(model, "num_classes", None) or args.num_classes or num_classes
     data_config = resolve_data_config(vars(args), model=model, verbose=acc.is_main_process)
-    loader_train, loader_eval = acc.prepare(*build_train_loaders(args, data_config, train_set, val_set))
+    loaders = build_train_loaders(args, data_config, train_set, val_set)
+    loader_train, loader_eval = (prepare_loader(acc, loader) for loader in loaders)
     if len(loader_train) == 0:
         raise ValueError(f"{len(train_set)} training images make no batch of {args.batch_size} per process")
     resumed = state.load_state(args.resume) if args.resume and args.resume != "auto" else None

@@ -34,7 +34,7 @@ from timm.data import create_transform, resolve_data_config
 from we_timm.recipes import errors
 from we_timm.recipes.args import ArgumentParser
 from we_timm.recipes.checkpoint import create_model_from_checkpoint, model_name
-from we_timm.recipes.data import eval_dataset
+from we_timm.recipes.data import eval_dataset, prepare_loader
 from we_timm.recipes.engine import evaluate, mixed_precision
 from we_timm.recipes.errors import CheckpointError, DataError
 
@@ -182,7 +182,7 @@ def _validate(args: argparse.Namespace, model: torch.nn.Module, metadata: dict[s
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, drop_last=False)
     # Only the loader is prepared (sharded per process); evaluation needs no DDP wrapper.
     model = model.to(accelerator.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-    loader = accelerator.prepare(loader)
+    loader = prepare_loader(accelerator, loader)
     start = time.perf_counter()
     metrics = evaluate(model, loader, accelerator, channels_last=args.channels_last, progress=not args.no_progress)
     seconds = time.perf_counter() - start

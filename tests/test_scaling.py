@@ -230,3 +230,124 @@ def test_imagenet_recipe_dress_rehearsal(tmp_path: Path):
     result = json.loads(val.stdout.split("--result", 1)[1])
     assert result["num_samples"] == 20 and result["img_size"] == 224
     assert result["top1"] == pytest.approx(meta["metrics"]["top1"])
+
+
+# ----------------------------------------------------------------------------- streaming datasets (wds/, hfds/, hfids/)
+
+
+def make_wds(root: Path, shards: int = 2, n_train: int = 96, n_val: int = 40) -> Path:
+    """webdataset tar shards of digits (`<key>.png` + `<key>.cls`) with timm's `_info.json` split table."""
+    import io
+    import tarfile
+
+    from we_timm.recipes.data import DigitsDataset
+
+    root.mkdir(parents=True)
+    info = {"name": "digits", "splits": {}}
+    for split, n in (("train", n_train), ("validation", n_val)):
+        ds = DigitsDataset(split)
+        names, lengths = [], []
+        for s in range(shards):
+            names.append(f"{split}-{s:06d}.tar")
+            lengths.append(len(range(s, n, shards)))
+            with tarfile.open(root / names[-1], "w") as tar:
+                for i in range(s, n, shards):
+                    img, label = ds[i]
+                    png = io.BytesIO()
+                    img.save(png, format="PNG")
+                    for ext, data in (("png", png.getvalue()), ("cls", str(label).encode())):
+                        member = tarfile.TarInfo(f"{split}_{i:05d}.{ext}")
+                        member.size = len(data)
+                        tar.addfile(member, io.BytesIO(data))
+        info["splits"][split] = {"name": split, "num_samples": n, "filenames": names, "shard_lengths": lengths}
+    (root / "_info.json").write_text(json.dumps(info))
+    return root
+
+
+def make_hf_folder(folder: Path, n_train: int = 96, n_val: int = 40) -> Path:
+    """A local Hugging Face `datasets` folder: one parquet file per split, image + ClassLabel columns."""
+    import datasets
+
+    from we_timm.recipes.data import DigitsDataset
+
+    folder.mkdir(parents=True)
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(c) for c in range(10)])})
+    for split, n in (("train", n_train), ("validation", n_val)):
+        ds = DigitsDataset(split)
+        rows = {"image": [ds[i][0] for i in range(n)], "label": [ds[i][1] for i in range(n)]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+STREAM_ARGS = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--epochs", "2", "--workers", "0",
+               "--lr", "0.05", "--warmup-epochs", "0", "--weight-evolution", "--log-interval", "1",
+               "--train-num-samples", "64"]
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _ddp_train(argv: list[str], cwd: Path, **env: str) -> str:
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_free_port())]
+    return run_train(argv, cwd=cwd, launcher=launcher, env={"ACCELERATE_USE_CPU": "1", **env})
+
+
+def _validate(checkpoint: Path, cwd: Path, **env: str) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "validate.py"), "--checkpoint", str(checkpoint), "--workers",
+                           "0", "--no-progress"], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=subprocess_env(**env))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("--result", 1)[1])
+
+
+def test_webdataset_shards_per_rank(tmp_path: Path):
+    """`--dataset wds/...` on 2 processes: each rank reads its own shards; --train-num-samples 64 is timm's epoch
+    length over all ranks (2 updates of 16 per rank); evaluation counts each of the 40 samples once."""
+    data = make_wds(tmp_path / "wds")
+    out = _ddp_train([*STREAM_ARGS, "--dataset", "wds/digits", "--data-dir", str(data), "--num-classes", "10",
+                      "--output", str(tmp_path / "out"), "--experiment", "wds"], tmp_path)
+    assert out.count("Train: 1 [   1/2 (100%)]") == 1 and "Train: 1 [   2/" not in out
+    assert "WE step 0: parameters, BN statistics identical on 2 ranks" in out
+    run = tmp_path / "out" / "wds"
+    last = read_csv(run / "summary.csv")[-1]
+    result = _validate(run / "last.safetensors", tmp_path)  # one process reads every shard
+    assert result["num_samples"] == 40 and result["top1"] == pytest.approx(float(last["eval_top1"]))
+
+
+def test_hugging_face_datasets_from_a_local_folder(tmp_path: Path):
+    """`hfds/` (map-style: a fixed random subset of 64) on one process, `hfids/` (streaming, split by node) on
+    two; offline, from a local parquet folder; classes from the ClassLabel feature."""
+    make_hf_folder(tmp_path / "digits")
+    (tmp_path / "cache").mkdir()
+    common = [*STREAM_ARGS, "--data-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "out")]
+    out = run_train([*common, "--dataset", "hfds/digits", "--experiment", "hfds"], cwd=tmp_path, env=OFFLINE)
+    assert "Train: 1 [   3/4 (100%)]" in out
+    assert load_weights(tmp_path / "out" / "hfds" / "last.safetensors")[1]["num_classes"] == 10
+    out = _ddp_train([*common, "--dataset", "hfids/digits", "--val-num-samples", "40", "--num-classes", "10",
+                      "--experiment", "hfids"], tmp_path, **OFFLINE)
+    assert out.count("Train: 1 [   1/2 (100%)]") == 1
+    assert len(read_csv(tmp_path / "out" / "hfids" / "summary.csv")) == 2
+
+
+def test_streaming_dataset_without_its_package(tmp_path: Path, monkeypatch):
+    from we_timm.recipes import data
+
+    monkeypatch.setitem(data.PACKAGES, "wds", "no_such_webdataset_package")
+    with pytest.raises(SystemExit) as e:
+        train.cli([*TINY, "--epochs", "1", "--dataset", "wds/digits", "--data-dir", str(tmp_path),
+                   "--output", str(tmp_path / "out")])
+    assert str(e.value.code) == ("error: --dataset wds/digits needs the no_such_webdataset_package package: "
+                                 "pip install 'we_timm[streaming]'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_num_samples_of_a_class_sorted_folder_keeps_every_class():
+    """--train-num-samples on a map-style set: a fixed random subset, not the first N (= the first classes)."""
+    from we_timm.recipes.data import FixedSubset
+
+    labels = [c for c in range(10) for _ in range(50)]  # class-sorted, like an ImageFolder
+    subset = FixedSubset(labels, 60)
+    picked = [subset[i] for i in range(len(subset))]
+    assert len(picked) == 60 and len(set(picked)) == 10 and picked == sorted(picked)
+    assert subset.indices == FixedSubset(labels, 60).indices  # the same in every run and process

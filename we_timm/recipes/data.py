@@ -13,6 +13,7 @@ are timm's `create_loader`. Every failure a user can cause is a one-line `DataEr
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import random
@@ -33,6 +34,10 @@ EVAL_SPLITS = ("validation", "val", "valid", "eval", "test")
 DIGITS_IMAGE_SIZE = 32  # digits are upsampled from 8 px so that crops and AutoAugment have room to act
 DIGITS_VAL_FRACTION = 0.2  # 80/20 stratified split: 1437 train / 360 validation images
 DIGITS_SPLIT_SEED = 0  # fixed split, independent of --seed (which only drives training randomness)
+SUBSET_SEED = 0  # --train/val-num-samples of a map-style set: one fixed random subset, independent of --seed
+# timm's iterable (streaming) datasets: name prefix -> the package its reader needs; each rank reads its own shards
+STREAMING = {"wds": "webdataset", "hfids": "datasets", "tfds": "tensorflow_datasets"}
+PACKAGES = {**STREAMING, "hfds": "datasets"}
 
 
 class DigitsDataset(torch.utils.data.Dataset):
@@ -88,16 +93,19 @@ class DigitsDataset(torch.utils.data.Dataset):
         return img, target
 
 
-class HeadSubset(torch.utils.data.Dataset):
-    """The first `num_samples` items of a map-style dataset.
+class FixedSubset(torch.utils.data.Dataset):
+    """`num_samples` items of a map-style dataset drawn at random once (the same in every run and process),
+    kept in their original order: a class-sorted image folder keeps all its classes, unlike its first N items.
 
-    Unlike `torch.utils.data.Subset`, setting `.transform` (as timm's
-    `create_loader` does) reaches the wrapped dataset.
+    Unlike `torch.utils.data.Subset`, setting `.transform` (as timm's `create_loader` does) reaches the
+    wrapped dataset.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, num_samples: int):
         self.dataset = dataset
-        self.num_samples = min(int(num_samples), len(dataset))
+        n = len(dataset)
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(SUBSET_SEED))[: min(int(num_samples), n)]
+        self.indices = sorted(pick.tolist())
 
     @property
     def transform(self) -> Callable | None:
@@ -108,12 +116,10 @@ class HeadSubset(torch.utils.data.Dataset):
         self.dataset.transform = value
 
     def __len__(self) -> int:
-        return self.num_samples
+        return len(self.indices)
 
     def __getitem__(self, index: int) -> Any:
-        if not -self.num_samples <= index < self.num_samples:
-            raise IndexError(index)
-        return self.dataset[index % self.num_samples]
+        return self.dataset[self.indices[index]]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -214,17 +220,21 @@ def create_dataset(
 ) -> torch.utils.data.Dataset:
     """`digits` or anything `timm.data.create_dataset` knows, optionally cut to `num_samples`.
 
-    Failures a user can cause (missing folder, dataset not on disk, unknown
-    split) raise `DataError` with a one-line message.
+    `num_samples` has timm's meaning for streaming datasets (`wds/`, `hfids/`, `tfds/`: the samples of an
+    epoch, over all processes); a map-style set keeps a fixed random subset (`FixedSubset`). Failures a user
+    can cause (missing folder or package, dataset not on disk, unknown split) raise `DataError` in one line.
     """
+    if num_samples is not None and num_samples <= 0:
+        raise DataError(f"num_samples must be positive, got {num_samples}")
+    prefix = name.partition("/")[0].lower() if "/" in name else ""
     if name == DIGITS:
         dataset = DigitsDataset(split, image_size=image_size)
+    elif prefix in STREAMING:
+        return _timm_dataset(name, root, split, is_training, {**timm_kwargs, "num_samples": num_samples})
     else:
         dataset = _timm_dataset(name, root, split, is_training, timm_kwargs)
-    if num_samples is not None and isinstance(dataset, torch.utils.data.Dataset) and hasattr(dataset, "__len__"):
-        if num_samples <= 0:
-            raise DataError(f"num_samples must be positive, got {num_samples}")
-        dataset = HeadSubset(dataset, num_samples)
+    if num_samples is not None and hasattr(dataset, "__len__"):
+        dataset = FixedSubset(dataset, num_samples)
     return dataset
 
 
@@ -233,6 +243,9 @@ def _timm_dataset(name: str, root: str | None, split: str, is_training: bool, kw
 
     if not root:
         raise DataError(f"dataset {name or 'ImageFolder'} needs a root folder (--data-dir)")
+    package = PACKAGES.get(name.partition("/")[0].lower()) if "/" in name else None
+    if package and importlib.util.find_spec(package) is None:
+        raise DataError(f"--dataset {name} needs the {package} package: pip install 'we_timm[streaming]'")
     name = "" if name.lower() in FOLDER_NAMES else name
     if root and not os.path.isdir(root):
         raise DataError(f"--data-dir {root} is not a directory")
@@ -301,6 +314,17 @@ def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: A
             persistent_workers=loader_train.persistent_workers,
         )
     return loader_train, loader_eval
+
+
+def prepare_loader(acc: Any, loader: torch.utils.data.DataLoader) -> Any:
+    """`accelerator.prepare` for a loader: batches on the device, samples sharded over the processes. A
+    streaming dataset's reader already reads only this rank's shards, so Accelerate only places its batches."""
+    if not isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        return acc.prepare(loader)
+    from accelerate.data_loader import prepare_data_loader
+
+    return prepare_data_loader(loader, device=acc.device, num_processes=1, process_index=0, put_on_device=True,
+                               dispatch_batches=False)
 
 
 def eval_dataset(name: str, root: str | None, split: str, transform: Callable, *, num_samples: int | None = None,

@@ -222,9 +222,11 @@ def evaluate(model, loader, accelerator: Accelerator, *, channels_last: bool = F
 
     train.py and validate.py both call this, so validate.py reproduces train.py's numbers: logits and
     targets gathered per step (`gather_for_metrics` drops the padded duplicates of the last batch), float64
-    sums of per-batch loss sums and of top-k hits, divided by the sample count.
+    sums of per-batch loss sums and of top-k hits, divided by the sample count. A streaming dataset's ranks
+    read disjoint shards of their own: each sums its samples, and the sums are added up at the end.
     """
     model.eval()
+    streaming = isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset)
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss sum, top-1 hits, top-5 hits, samples
     bar = tqdm(read_batches(loader, "validation"), total=len(loader), desc="validate", leave=False,
                disable=not (progress and accelerator.is_local_main_process))
@@ -234,14 +236,23 @@ def evaluate(model, loader, accelerator: Accelerator, *, channels_last: bool = F
         with accelerator.autocast():
             output = model(inputs)
         output = output[0] if isinstance(output, (tuple, list)) else output
-        output, target = accelerator.gather_for_metrics((output.float(), target))
-        if int(target.max()) >= output.shape[-1] or int(target.min()) < 0:
-            raise DataError(f"label {int(target.max())} out of range for a model with {output.shape[-1]} classes")
+        if streaming:  # every rank must see a bad label, or the others would wait for it in the next collective
+            output = output.float()
+            extremes = accelerator.gather(torch.stack([target.max(), -target.min()])[None])
+            high, low = int(extremes[:, 0].max()), -int(extremes[:, 1].max())
+        else:
+            output, target = accelerator.gather_for_metrics((output.float(), target))
+            high, low = int(target.max()), int(target.min())
+        if high >= output.shape[-1] or low < 0:
+            raise DataError(f"label {high if low >= 0 else low} out of range for a model with {output.shape[-1]} "
+                            "classes")
         hits = output.topk(min(5, output.shape[-1]), dim=-1).indices.eq(target[:, None])
         totals += torch.stack([
             F.cross_entropy(output, target, reduction="sum").double(),
             hits[:, 0].sum().double(), hits.any(-1).sum().double(), totals.new_tensor(float(target.numel())),
         ])
+    if streaming:
+        totals = accelerator.reduce(totals, reduction="sum")
     n = totals[3].item()
     if n == 0:
         raise DataError("no samples were evaluated")
