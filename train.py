@@ -185,6 +185,8 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
         WeightEvolution(model, we_config) if we_config else None, loader_train, loader_eval, num_epochs, meta,
         state.CheckpointKeeper(None, args.checkpoint_hist, decreasing=args.eval_metric == "loss"),
     )
+    if we_config and ema is not None and args.we_ema == "evolve":
+        t.we_ema = WeightEvolution(ema.module, we_config)
     return t, resumed
 
 

@@ -49,7 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     """train.py's full parser, unparsed (tests and tools reuse it)."""
     parser = ArgumentParser(prog="train.py", description="timm + Accelerate training with Weight Evolution")
     parser.add_argument("-c", "--config", default="", metavar="FILE", help="YAML file of argument defaults (CLI wins)")
-    for add in (_data_args, _model_args, _optim_args, _sched_args, _aug_args, _ema_args, add_we_args, _misc_args):
+    for add in (_data_args, _model_args, _optim_args, _sched_args, _aug_args, _ema_args, add_we_args, _we_train_args,
+                _misc_args):
         add(parser)
     return parser
 
@@ -246,6 +247,16 @@ def add_we_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--we-ln-c", type=float, default=d.ln_c, help="official variant: the release's ln_c")
 
 
+def _we_train_args(parser):
+    g = parser.add_argument_group("Weight evolution in training", "what else a WE step touches")
+    g.add_argument("--we-ema", default="follow", choices=("follow", "evolve"),
+                   help="follow: the EMA keeps averaging the evolved weights (default); evolve: the EMA gets its own "
+                        "WE step after the model's")
+    g.add_argument("--we-reset-opt-state", action="store_true", default=False,
+                   help="zero the optimizer state (momentum, Adam moments) of every value a WE step changes "
+                        "(default: keep it, as the authors' code does)")
+
+
 def _misc_args(parser):
     g = parser.add_argument_group("Miscellaneous parameters")
     g.add_argument("--seed", type=int, default=42, metavar="S", help="random seed (default: 42)")
@@ -307,6 +318,7 @@ def resolve_args(args: argparse.Namespace) -> None:
         (args.grad_accum_steps >= 1, f"--grad-accum-steps must be >= 1, got {args.grad_accum_steps}"),
         (args.log_interval >= 1, f"--log-interval must be >= 1, got {args.log_interval}"),
         (args.recovery_interval >= 0, f"--recovery-interval must be >= 0, got {args.recovery_interval}"),
+        (args.we_ema == "follow" or args.model_ema, "--we-ema evolve needs --model-ema"),
         (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
         (is_model(args.model) or ":" in args.model, f"unknown timm model {args.model!r} (see timm.list_models())"),
         (not (mixup_active(args) and args.batch_size % 2), f"mixup needs an even --batch-size, not {args.batch_size}"),

@@ -87,6 +87,7 @@ class Trainer:
     num_epochs: int  # from the scheduler (epochs + cooldown)
     meta: dict[str, Any]  # safetensors metadata shared by every checkpoint of the run
     keeper: CheckpointKeeper
+    we_ema: WeightEvolution | None = None  # --we-ema evolve: the EMA's own WE step
     out_dir: str | None = None  # the run folder, on the main process only
     resume_point: ResumePoint | None = None  # where a recovery state left the first epoch
     num_updates: int = 0
@@ -302,14 +303,35 @@ def check_ranks_agree(t: Trainer, epoch: int) -> None:
                  f"{' and EMA' if t.model_ema is not None else ''} identical on {acc.num_processes} ranks")
 
 
+def zero_changed_state(optimizer: Any, before: dict[nn.Parameter, torch.Tensor]) -> int:
+    """Zero the optimizer state (SGD momentum, Adam moments: per-element tensors shaped like the parameter) of
+    every element whose value differs from `before`; returns the number of elements reset."""
+    state = getattr(optimizer, "optimizer", optimizer).state
+    reset = 0
+    for p, old in before.items():
+        changed = p.detach() != old
+        buffers = [v for v in state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
+        for v in buffers:
+            v[changed] = 0
+        reset += int(changed.sum()) if buffers else 0
+    return reset
+
+
 def evolve(t: Trainer, epoch: int) -> None:
-    """`we.step(epoch)` on the unwrapped fp32 parameters; stats go to the epoch's summary row and we_stats.jsonl."""
+    """`we.step(epoch)` on the unwrapped fp32 parameters (and the EMA's with --we-ema evolve; the optimizer state
+    of changed values zeroed with --we-reset-opt-state); stats go to the epoch's summary row and we_stats.jsonl."""
     start = time.perf_counter()
+    before = {u.param: u.param.detach().clone() for u in t.we.units} if t.args.we_reset_opt_state else None
     stats = t.we.step(epoch)
+    extra = {}
+    if t.we_ema is not None:
+        extra["we_ema_changed"] = t.we_ema.step(epoch).changed
+    if before is not None:
+        extra["we_opt_state_reset"] = zero_changed_state(t.optimizer, before)
     seconds = time.perf_counter() - start
     if t.accelerator.num_processes > 1:
         check_ranks_agree(t, epoch)
-    row = {**stats.to_dict(), "we_time_s": seconds}
+    row = {**stats.to_dict(), **extra, "we_time_s": seconds}
     rows = [r for r in t.history if r["epoch"] == epoch]
     (rows[-1] if rows else t.history.append(OrderedDict(epoch=epoch)) or t.history[-1]).update(row)
     t.we_records.append({"epoch": epoch, **row, "inferior": dict(stats.inferior), "skipped": list(stats.skipped)})

@@ -191,6 +191,7 @@ def training_state(t: Trainer, epoch: int) -> dict[str, Any]:
         "scheduler": json_safe(t.scheduler.state_dict()),  # informative: rebuilt from args on resume
         "scaler": None if scaler is None else scaler.state_dict(),
         "we": None if t.we is None else t.we.state_dict(),
+        "we_ema": None if t.we_ema is None else t.we_ema.state_dict(),
         "checkpoints": t.keeper.state_dict(),
         "history": json_safe(t.history),
         "we_records": json_safe(t.we_records),
@@ -237,6 +238,8 @@ def restore_state(t: Trainer, state: dict[str, Any]) -> int:
         t.optimizer.load_state_dict(state["optimizer"])
     if t.we is not None and state.get("we") is not None:
         t.we.load_state_dict(state["we"])
+    if t.we_ema is not None and state.get("we_ema") is not None:
+        t.we_ema.load_state_dict(state["we_ema"])
     t.keeper.load_state_dict(state.get("checkpoints", {}))
     t.num_updates = int(state.get("num_updates", 0))
     recovery = state.get("recovery")
