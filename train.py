@@ -162,7 +162,7 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
     state.check_same_start(acc.num_processes, args.resume, resumed)
     if resumed is not None:
         state.check_resumable(args, resumed.get("args", {}), args.resume)
-        load_into_model(model, resumed["model"])  # before EMA and optimizer are derived from the model
+        load_into_model(model, state.model_weights(resumed))  # before EMA and optimizer are derived from it
     model.to(acc.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -392,7 +392,7 @@ def test_non_finite_weights_stop_before_the_checkpoint(tmp_path: Path):
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "error: the validation loss of the model became nan in epoch 1; training stopped before saving epoch 1")
     saved = state.load_state(str(tmp_path / "w" / "last.pth.tar"))
-    assert saved["epoch"] == 0 and all(torch.isfinite(v).all() for v in saved["model"].values())
+    assert saved["epoch"] == 0 and all(torch.isfinite(v).all() for v in state.model_weights(saved).values())
 
 
 def test_resume_with_more_epochs_warns_and_continues(digits_run: Path, tmp_path: Path):  # noqa: F811

@@ -125,7 +125,7 @@ def test_checkpoints_load(digits_run: Path):
     assert ema_meta["ema"] is True
     state = torch.load(digits_run / "last.pth.tar", map_location="cpu", weights_only=True)
     assert state["epoch"] == 2 and state["we"]["last_epoch"] == 1
-    assert {"model", "model_ema", "optimizer", "scheduler", "scaler", "checkpoints", "args"} <= set(state)
+    assert {"state_dict", "state_dict_ema", "optimizer", "scheduler", "scaler", "checkpoints", "args", "arch"} <= set(state)
     assert "rng" not in state  # every epoch re-seeds from (seed, epoch, rank): no RNG state to keep
 
 

@@ -372,6 +372,22 @@ def we_config_from_args(args: argparse.Namespace) -> WEConfig | None:
 
 # ----------------------------------------------------------------------------- YAML (-c)
 
+# Arguments of timm's train.py (1.0.29) that we_timm does not implement: in a `-c` YAML (e.g. the args.yaml
+# of a timm run) they are skipped with one warning; any other unknown key is an error.
+TIMM_ONLY = frozenset("""
+    aug_repeats aug_splits bce_pos_weight bce_sum color_jitter_prob data dataset_trust_remote_code device
+    device_modules distill_loss_weight drop_connect epoch_repeats fast_norm fuser gaussian_blur_prob grayscale_prob
+    head_init_bias head_init_scale input_img_mode input_key jsd_loss kd_distill_type kd_loss_type kd_model_name
+    kd_student_feature_dim kd_teacher_feature_dim kd_temperature kd_token_distill_type layer_decay_min_scale
+    layer_decay_no_opt_scale local_rank log_wandb lr_cycle_decay lr_cycle_limit lr_cycle_mul lr_k_decay lr_noise
+    lr_noise_pct lr_noise_std model_dtype model_ema_force_cpu naflex_loader naflex_loss_scale naflex_max_seq_len
+    naflex_patch_size_probs naflex_patch_sizes naflex_patchify_channels_first naflex_train_seq_lens no_ddp_bb
+    no_prefetcher resplit save_images split_bn synchronize_step target_key task_loss_weight torchcompile_mode
+    torchscript train_batch_sizes train_batches_per_epoch train_crop_mode train_img_sizes train_size_probs
+    train_size_random_mix train_size_schedule train_size_schedule_spread tta use_multi_epochs_loader val_interval
+    variable_batch_loss_scale wandb_project wandb_resume_id wandb_tags
+""".split())
+
 
 def _coerce(action: argparse.Action, key: str, value: Any) -> Any:
     """A YAML value as argparse would have produced it from the command line (ValueError if it cannot)."""
@@ -428,15 +444,23 @@ def config_defaults(parser: argparse.ArgumentParser, cfg: Mapping[str, Any], sou
 
     Unknown keys raise ValueError naming `source` (with `strict=False` they are
     logged and skipped, e.g. arguments saved by an older train.py).
+    A key of timm's train.py that we_timm does not implement (`TIMM_ONLY`: timm's own args.yaml is a valid
+    `-c`) is skipped, all of them named in one warning.
     """
     actions = {a.dest: a for a in parser._actions if a.dest != "help"}
     keys = {str(k): str(k).replace("-", "_") for k in cfg}
     unknown = sorted(k for k, dest in keys.items() if dest not in actions)
+    timm_only = [k for k in unknown if keys[k] in TIMM_ONLY]
+    if timm_only:
+        _logger.warning("%s: ignoring %d argument(s) of timm's train.py that we_timm does not implement: %s",
+                        source, len(timm_only), ", ".join(timm_only))
+    unknown = [k for k in unknown if k not in timm_only]
     if unknown and strict:
         raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)} (keys are the argument names, e.g. batch_size)")
     if unknown:
         _logger.warning("%s: ignoring unknown argument(s) %s", source, ", ".join(unknown))
     try:
-        return {keys[str(k)]: _coerce(actions[keys[str(k)]], str(k), v) for k, v in cfg.items() if str(k) not in unknown}
+        return {keys[str(k)]: _coerce(actions[keys[str(k)]], str(k), v) for k, v in cfg.items()
+                if keys[str(k)] in actions}
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None

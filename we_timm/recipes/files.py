@@ -10,6 +10,8 @@ Layout of a run folder (timm's, with safetensors weights):
     last.pth.tar                   full training state of the latest epoch, for --resume
     checkpoint-<epoch>.*           the --checkpoint-hist best epochs by eval metric (weights + state)
     model_best.safetensors         weights of the best epoch (`_ema` sibling with --model-ema)
+    model_best.pth.tar             the best epoch's training state (timm's layout: timm's validate.py reads it)
+    recovery.pth.tar               with --recovery-interval: the newest state inside the current epoch
 
 Every file goes through `atomic_write`: a hidden temp file beside the target, fsynced, then renamed into
 place; kept copies are hard links where the filesystem allows.

@@ -31,7 +31,7 @@ _logger = logging.getLogger(__name__)
 
 RECOVERY = "recovery"  # recovery.pth.tar: the newest --recovery-interval state of the epoch in progress
 STATE_FORMAT = "we_timm.train_state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: timm's layout (state_dict, state_dict_ema, arch; epoch = the last complete one)
 WEIGHTS_EXT = ".safetensors"
 STATE_EXT = ".pth.tar"
 # arguments that may differ on resume without a warning: where and how verbosely, not what, is trained
@@ -51,7 +51,13 @@ class ResumePoint:
 
 
 def check_state(state: Any, path: str) -> dict[str, Any]:
-    """The training state in `state` (as loaded from `path`), or ValueError saying why not."""
+    """The training state in `state` (as loaded from `path`), or ValueError saying why not.
+
+    A timm train.py checkpoint (`state_dict`, `optimizer`, `epoch`) is accepted as a state with model,
+    optimizer, EMA and epoch only (key "timm": True).
+    """
+    if isinstance(state, Mapping) and "format" not in state and {"state_dict", "optimizer", "epoch"} <= set(state):
+        return from_timm(state)
     if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
         raise ValueError(
             f"{path} is not a we_timm training state (last.pth.tar / checkpoint-N.pth.tar); "
@@ -62,8 +68,23 @@ def check_state(state: Any, path: str) -> dict[str, Any]:
     return dict(state)
 
 
+def from_timm(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """A timm train.py checkpoint as a training state: model, EMA, optimizer, epoch and arguments."""
+    args = ckpt.get("args")
+    epoch = int(ckpt["epoch"]) - (int(ckpt.get("version", 1)) < 2)  # timm's version 1 saved epoch + 1
+    return {"format": STATE_FORMAT, "version": STATE_VERSION, "timm": True, "epoch": epoch,
+            "state_dict": ckpt["state_dict"], "state_dict_ema": ckpt.get("state_dict_ema"),
+            "optimizer": ckpt["optimizer"], "args": dict(vars(args) if hasattr(args, "__dict__") else args or {})}
+
+
+def model_weights(state: Mapping[str, Any], ema: bool = False) -> Mapping[str, torch.Tensor] | None:
+    """The model's (or the EMA's) weights of a training state (version 1 named them model / model_ema)."""
+    new, old = ("state_dict_ema", "model_ema") if ema else ("state_dict", "model")
+    return state[new] if state.get(new) is not None else state.get(old)
+
+
 def load_state(path: str, mmap: bool = False) -> dict[str, Any]:
-    """A training state written by `save_checkpoint` (ValueError for anything else)."""
+    """A training state written by `save_checkpoint`, or a timm checkpoint (ValueError for anything else)."""
     if is_safetensors_file(path):
         raise ValueError(
             f"--resume {path} holds model weights only; resume from last.pth.tar or checkpoint-N.pth.tar, "
@@ -177,16 +198,20 @@ def check_same_start(num_processes: int, resume: str, state: dict[str, Any] | No
 # ----------------------------------------------------------------------------- saving and restoring a Trainer
 
 
-def training_state(t: Trainer, epoch: int) -> dict[str, Any]:
-    """Everything --resume needs, loadable with `torch.load(weights_only=True)`."""
+def training_state(t: Trainer, epoch: int, metric: float | None = None) -> dict[str, Any]:
+    """Everything --resume needs, loadable with `torch.load(weights_only=True)`, in timm's checkpoint layout
+    (`state_dict`, `state_dict_ema`, `optimizer`, `epoch`, `arch`, `metric`, version 2): timm's own
+    `load_checkpoint` / validate.py read it."""
     scaler = t.accelerator.scaler
     return {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
         "epoch": epoch,
+        "arch": t.args.model,
+        "metric": metric,
         "num_updates": t.num_updates,
-        "model": t.raw_model.state_dict(),
-        "model_ema": None if t.model_ema is None else t.model_ema.module.state_dict(),
+        "state_dict": t.raw_model.state_dict(),
+        "state_dict_ema": None if t.model_ema is None else t.model_ema.module.state_dict(),
         "optimizer": t.optimizer.state_dict(),
         "scheduler": json_safe(t.scheduler.state_dict()),  # informative: rebuilt from args on resume
         "scaler": None if scaler is None else scaler.state_dict(),
@@ -212,7 +237,7 @@ def save_checkpoint(t: Trainer, epoch: int, metrics: dict[str, dict]) -> None:
     if t.model_ema is not None:
         files["ema"] = weights(t.model_ema.module, "ema")
     metric = metrics["ema" if t.model_ema is not None else "model"][t.args.eval_metric]
-    if t.keeper.save(epoch, metric, files, lambda: training_state(t, epoch)):
+    if t.keeper.save(epoch, metric, files, lambda: training_state(t, epoch, metric)):
         _logger.info(f"New best {t.args.eval_metric} {metric:.4f} at epoch {epoch}")
     remove(t.keeper.path(RECOVERY, STATE_EXT))  # older than the epoch state now on disk
 
@@ -230,18 +255,25 @@ def save_recovery(t: Trainer, epoch: int, updates: int, sums: torch.Tensor) -> N
 
 def restore_state(t: Trainer, state: dict[str, Any]) -> int:
     """Load a training state (model weights already in) into the unprepared objects; returns the next epoch."""
-    if t.model_ema is not None and state.get("model_ema") is not None:
-        load_into_model(t.model_ema.module, state["model_ema"])
+    if t.model_ema is not None and model_weights(state, ema=True) is not None:
+        load_into_model(t.model_ema.module, model_weights(state, ema=True))
     elif t.model_ema is not None:
         _logger.warning("the checkpoint has no EMA weights; EMA starts from the resumed model weights")
     if not t.args.no_resume_opt:
-        t.optimizer.load_state_dict(state["optimizer"])
+        try:
+            t.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"cannot restore the optimizer state of {t.args.resume} into --opt {t.args.opt}: "
+                             f"{one_line(e)}; pass --no-resume-opt to start the optimizer afresh") from None
     if t.we is not None and state.get("we") is not None:
         t.we.load_state_dict(state["we"])
+    elif t.we is not None:
+        _logger.warning("the checkpoint has no weight-evolution state (a timm checkpoint, or a run without WE): "
+                        "weight evolution starts now, with fresh counters")
     if t.we_ema is not None and state.get("we_ema") is not None:
         t.we_ema.load_state_dict(state["we_ema"])
     t.keeper.load_state_dict(state.get("checkpoints", {}))
-    t.num_updates = int(state.get("num_updates", 0))
+    t.num_updates = int(state.get("num_updates", (int(state["epoch"]) + 1) * t.updates_per_epoch))
     recovery = state.get("recovery")
     stepped = int(state["epoch"]) + (recovery is not None)  # a recovery state is taken after its WE step
     t.history = [dict(r) for r in state.get("history", []) if r.get("epoch", -1) <= state["epoch"]]
@@ -316,10 +348,9 @@ class CheckpointKeeper:
         if keep:
             for src in files:
                 link_or_copy(src, _restem(src, f"checkpoint-{epoch}"))
-        if is_best:
+        if is_best:  # model_best.safetensors (+ _ema) and timm's model_best.pth.tar
             for src in files:
-                if src.endswith(WEIGHTS_EXT):
-                    link_or_copy(src, _restem(src, "model_best"))
+                link_or_copy(src, _restem(src, "model_best"))
         for old in evicted:
             if old != epoch:
                 for src in files:

@@ -1,0 +1,73 @@
+"""At home with timm's run files: timm's args.yaml through -c, our checkpoints through timm's loader, a timm
+checkpoint through --resume."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from timm.models import load_checkpoint
+from timm.optim import create_optimizer_v2
+
+import train
+from test_train import DIGITS, TINY, digits_run, run_train  # noqa: F401  (digits_run: fixture)
+from we_timm.recipes.checkpoint import load_weights
+from we_timm.recipes.state import load_state
+
+TIMM_ARGS = Path(__file__).parent / "fixtures" / "timm_args.yaml"  # written by timm 1.0.29's train.py
+
+
+def test_timm_args_yaml_is_a_config(tmp_path: Path, caplog):
+    with caplog.at_level(logging.WARNING):
+        args = train.parse_args(["-c", str(TIMM_ARGS), "--data-dir", str(tmp_path)])
+    assert (args.model, args.batch_size, args.img_size, args.sched, args.model_ema) == ("test_resnet", 8, 32,
+                                                                                         "cosine", True)
+    warnings = [r.getMessage() for r in caplog.records if "timm's train.py" in r.getMessage()]
+    assert len(warnings) == 1 and "aug_repeats" in warnings[0] and "kd_model_name" in warnings[0]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TIMM_ARGS.read_text() + "batch_sise: 8\n")  # a typo neither timm nor we know
+    with pytest.raises(ValueError, match="unknown key.*batch_sise"):
+        train.parse_args(["-c", str(bad), "--data-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("use_ema", [False, True])
+def test_model_best_pth_tar_loads_with_timms_loader(digits_run: Path, use_ema: bool):  # noqa: F811
+    """model_best.pth.tar is timm's layout (state_dict, state_dict_ema, arch, epoch): timm's own
+    `load_checkpoint` (what its validate.py --checkpoint [--use-ema] calls) reads it."""
+    path = digits_run / "model_best.pth.tar"
+    model = timm.create_model("test_resnet", num_classes=10)
+    load_checkpoint(model, str(path), use_ema=use_ema)
+    expected, meta = load_weights(digits_run / ("model_best_ema.safetensors" if use_ema else "model_best.safetensors"))
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["arch"] == "test_resnet" and ckpt["epoch"] == meta["epoch"] and ckpt["version"] == 2
+
+
+def test_resume_a_timm_checkpoint(tmp_path: Path):
+    """A checkpoint written by timm's own CheckpointSaver: model, optimizer, EMA and epoch are resumed; WE starts
+    with a warning."""
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    optimizer = create_optimizer_v2(model, "sgd", lr=0.05, weight_decay=2e-5, momentum=0.9)  # as timm's train.py
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    timm_args = argparse.Namespace(**{**yaml.safe_load(TIMM_ARGS.read_text()), "num_classes": 10, "epochs": 3})
+    (tmp_path / "timm").mkdir()
+    saver = CheckpointSaver(model, optimizer, args=timm_args, model_ema=ModelEmaV3(model),
+                            checkpoint_dir=str(tmp_path / "timm"), recovery_dir=str(tmp_path / "timm"))
+    saver.save_checkpoint(epoch=0, metric=10.0)
+    ckpt = tmp_path / "timm" / "last.pth.tar"
+    state = load_state(str(ckpt))
+    assert state["timm"] and state["epoch"] == 0 and state["args"]["model"] == "test_resnet"
+    out = run_train([*TINY, *DIGITS, "--resume", str(ckpt), "--weight-evolution", "--model-ema", "--epochs", "3",
+                     "--output", str(tmp_path / "out"), "--experiment", "from-timm"], cwd=tmp_path)
+    assert "the checkpoint has no weight-evolution state" in out and "epochs 1..2" in out
+    assert "argument(s) of timm's train.py that we_timm does not implement" in out
+    weights, meta = load_weights(tmp_path / "out" / "from-timm" / "last.safetensors")
+    assert meta["epoch"] == 2 and meta["we_config"] is not None
