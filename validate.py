@@ -4,6 +4,7 @@
     python validate.py --checkpoint output/run/model_best.safetensors --dataset digits
     python validate.py --checkpoint model_best.safetensors --data-dir /data/imagenet --split val
     python validate.py --model resnet18 --checkpoint timm_checkpoint.pth.tar --data-dir /data/imagenet
+    python validate.py --checkpoint output/train/run/ --results-file run.csv   # every checkpoint of a folder
     accelerate launch validate.py --checkpoint ... --data-dir ...   # any number of processes
 
 A train.py checkpoint carries its architecture, class count, evaluation data
@@ -18,7 +19,6 @@ Bad inputs end with one `error: ...` line and a non-zero exit; `--debug` shows t
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -31,9 +31,9 @@ import torch
 from accelerate import Accelerator
 from timm.data import create_transform, resolve_data_config
 
-from we_timm.recipes import errors
+from we_timm.recipes import errors, files
 from we_timm.recipes.args import ArgumentParser
-from we_timm.recipes.checkpoint import create_model_from_checkpoint, model_name
+from we_timm.recipes.checkpoint import checkpoint_files, create_model_from_checkpoint, local_models, model_name
 from we_timm.recipes.data import eval_dataset, prepare_loader
 from we_timm.recipes.engine import evaluate, mixed_precision
 from we_timm.recipes.errors import CheckpointError, DataError
@@ -48,8 +48,10 @@ DATA_ARGS = ("input_size", "img_size", "in_chans", "interpolation", "mean", "std
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="validate.py", description="Validate a we_timm / timm checkpoint")
     group = parser.add_argument_group("Model")
-    group.add_argument("--model", "-m", default=None, help="timm architecture; default: the checkpoint's metadata")
-    group.add_argument("--checkpoint", default="", help=".safetensors (train.py) or timm .pth/.pth.tar weights")
+    group.add_argument("--model", "-m", default=None, help="timm architecture (default: the checkpoint's metadata); "
+                       "a list a,b or a wildcard (resnet*) evaluates each model whose pretrained weights are local")
+    group.add_argument("--checkpoint", default="", help=".safetensors (train.py) or timm .pth/.pth.tar weights; "
+                       "a folder evaluates each of its checkpoints (one results row each)")
     group.add_argument("--pretrained", action="store_true", help="no checkpoint: use timm's pretrained weights (needs a cache)")
     group.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights (<name>_ema.safetensors or state_dict_ema)")
     group.add_argument("--num-classes", type=int, default=None, help="classifier size; default: the checkpoint's metadata")
@@ -146,31 +148,53 @@ def build_dataset(args: argparse.Namespace, transform, metadata: dict[str, Any])
 # ----------------------------------------------------------------------------- evaluation
 
 
-def write_results(results: dict[str, Any], path: str, fmt: str) -> None:
-    """Append a CSV row (header when new) or write a JSON object."""
-    if fmt == "json":
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2)
-        return
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(results))
-        if new:
-            writer.writeheader()
-        writer.writerow(results)
-
-
 def _accelerator(args: argparse.Namespace) -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision(args.amp, args.amp_dtype) or "no", cpu=args.cpu)
 
 
-def validate(args: argparse.Namespace) -> dict[str, Any]:
+def validate(args: argparse.Namespace, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Build, evaluate, report; raises CheckpointError / DataError on bad inputs."""
     model, metadata = build_model(args)
     resolve_runtime_args(args, metadata)
+    if accelerator is not None:
+        return _validate(args, model, metadata, accelerator)
     accelerator = _accelerator(args)
     with errors.process_group_ends(accelerator):
         return _validate(args, model, metadata, accelerator)
+
+
+def bulk_jobs(args: argparse.Namespace) -> list[argparse.Namespace] | None:
+    """timm's bulk mode: one argument set per checkpoint of a `--checkpoint` folder, or per model of a
+    `--model` list / wildcard (with their local pretrained weights); None for a single evaluation."""
+    if args.checkpoint and os.path.isdir(args.checkpoint):
+        return [argparse.Namespace(**{**vars(args), "checkpoint": path}) for path in checkpoint_files(args.checkpoint)]
+    if args.model and not args.checkpoint and ("," in args.model or any(c in args.model for c in "*?[")):
+        models = local_models(args.model)
+        if not models:
+            raise CheckpointError(f"--model {args.model}: no such model has its pretrained weights on this machine")
+        return [argparse.Namespace(**{**vars(args), "model": name, "pretrained": True}) for name in models]
+    return None
+
+
+def validate_bulk(args: argparse.Namespace, jobs: list[argparse.Namespace]) -> list[dict[str, Any]]:
+    """Evaluate every job with one Accelerator; one results CSV, a row per job (failures: an `error` column)."""
+    args.amp, args.amp_dtype = bool(args.amp), args.amp_dtype or "bfloat16"  # one precision for the whole batch
+    accelerator = _accelerator(args)
+    rows, failed = [], 0
+    with errors.process_group_ends(accelerator):
+        for job in jobs:
+            job.amp, job.amp_dtype, job.results_file = args.amp, args.amp_dtype, ""
+            try:
+                rows.append(validate(job, accelerator))
+            except errors.USER_ERRORS as e:
+                _logger.warning("%s", errors.error_line(e))
+                rows.append({"model": job.model, "checkpoint": job.checkpoint, "error": errors.one_line(e)})
+                failed += 1
+    if args.results_file and accelerator.is_main_process:
+        files.write_summary(args.results_file, rows)
+    if failed:
+        raise CheckpointError(f"{failed} of {len(jobs)} evaluations failed (their errors are above and in the results)")
+    return rows
 
 
 def _validate(args: argparse.Namespace, model: torch.nn.Module, metadata: dict[str, Any],
@@ -206,15 +230,16 @@ def _validate(args: argparse.Namespace, model: torch.nn.Module, metadata: dict[s
     }
     if accelerator.is_main_process:
         if args.results_file:
-            write_results(results, args.results_file, args.results_format)
+            files.write_results(results, args.results_file, args.results_format)
         print(f"--result\n{json.dumps(results, indent=4)}")
     return results
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Run `validate(args)`; bad inputs become `SystemExit("error: <one line>")` unless `--debug`."""
+def main(args: argparse.Namespace) -> dict[str, Any] | list[dict[str, Any]]:
+    """Run `validate(args)` (or `validate_bulk`); bad inputs become `SystemExit("error: <one line>")` unless --debug."""
     with errors.one_line_errors(args.debug):
-        return validate(args)
+        jobs = bulk_jobs(args)
+        return validate(args) if jobs is None else validate_bulk(args, jobs)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -244,8 +244,9 @@ def _validate_case(tmp: Path, run: Path, images: Path, case: str) -> tuple[list[
     if case == "empty_file":
         (tmp / "empty.safetensors").write_bytes(b"")
         return ["--checkpoint", str(tmp / "empty.safetensors"), *data], "empty.safetensors"
-    if case == "checkpoint_is_dir":
-        return ["--checkpoint", str(run), *data], re.escape(str(run))
+    if case == "checkpoint_is_dir":  # a folder is bulk mode: one without checkpoints is an error
+        (tmp / "empty_run").mkdir()
+        return ["--checkpoint", str(tmp / "empty_run"), *data], "no checkpoints in " + re.escape(str(tmp / "empty_run"))
     if case == "unknown_model":
         return ["--checkpoint", good, "--model", "no_such_model", *data], "no_such_model"
     if case == "batch_size_0":

@@ -305,3 +305,35 @@ def test_export_trained_ema_checkpoint(trained_run, tmp_path):
         assert torch.equal(loaded.eval()(x), model.eval()(x))
     config = json.loads((out / "config.json").read_text())
     assert config["we_timm"]["ema"] is True and config["we_timm"]["we_config"]["variant"] == "paper"
+
+
+def test_bulk_validation_of_a_run_folder(trained_run, tmp_path):
+    """timm's bulk mode: --checkpoint FOLDER evaluates each checkpoint of it, one results CSV row each, and each
+    row reproduces the numbers train.py recorded in that checkpoint."""
+    import csv
+
+    results = tmp_path / "bulk.csv"
+    argv = ["--checkpoint", str(trained_run), "--dataset", "digits", "--num-samples", "50", "--workers", "0",
+            "--no-progress", "--results-file", str(results)]
+    rows = validate.main(validate.get_args_parser().parse_args(argv))
+    expected = sorted(p for p in trained_run.glob("*.safetensors") if not p.name.endswith("_ema.safetensors"))
+    assert [r["checkpoint"] for r in rows] == [str(p) for p in expected] and len(rows) >= 3
+    with open(results) as f:
+        written = list(csv.DictReader(f))
+    assert [w["checkpoint"] for w in written] == [str(p) for p in expected]
+    for row, path in zip(rows, expected):
+        assert row["top1"] == read_metadata(path)["metrics"]["top1"], path
+
+
+def test_bulk_model_list_and_wildcard(monkeypatch):
+    """--model a,b / a wildcard: the named models, and the wildcard's models whose weights are cached."""
+    from we_timm.recipes import checkpoint
+
+    cached = {"resnet18.a1_in1k", "resnet34.a1_in1k"}
+    monkeypatch.setattr(checkpoint, "weights_cached", lambda name: name in cached)
+    assert checkpoint.local_models("resnet1*,test_resnet") == ["resnet18.a1_in1k", "test_resnet"]
+    assert checkpoint.local_models("resnet*") == ["resnet18.a1_in1k", "resnet34.a1_in1k"]
+    with pytest.raises(SystemExit) as e:
+        validate.main(_args("--model", "vit_*"))
+    assert str(e.value.code) == "error: --model vit_*: no such model has its pretrained weights on this machine"
+

@@ -398,3 +398,52 @@ def create_model_from_checkpoint(
         hint = f" (the checkpoint records {', '.join(f'{k}={v}' for k, v in saved.items())})" if saved else ""
         raise CheckpointError(f"{path}: {e}{hint}") from None
     return model, metadata, path
+
+
+# ----------------------------------------------------------------------------- bulk validation
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.pth.tar", "*.pth", "*.bin")
+
+
+def checkpoint_files(folder: str | os.PathLike) -> list[str]:
+    """The checkpoints of a folder, sorted: its `.safetensors` weights (`_ema` siblings excluded: --use-ema picks
+    them), else its `.pth.tar` / `.pth` / `.bin` files (timm's run folders). CheckpointError if there are none."""
+    import glob
+
+    folder = os.fspath(folder)
+    for patterns in (WEIGHT_PATTERNS[:1], WEIGHT_PATTERNS[1:]):
+        found = sorted({p for pattern in patterns for p in glob.glob(os.path.join(folder, pattern))})
+        found = [p for p in found if not os.path.basename(p).endswith("_ema.safetensors")]
+        if found:
+            return found
+    raise CheckpointError(f"no checkpoints in {folder} ({', '.join(WEIGHT_PATTERNS)})")
+
+
+def weights_cached(name: str) -> bool:
+    """Whether timm's pretrained weights of `name` are on this machine (Hugging Face cache or a local file)."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return False
+    if cfg.file:
+        return os.path.isfile(cfg.file)
+    return bool(cfg.hf_hub_id) and any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str)
+                                       for f in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"))
+
+
+def local_models(spec: str) -> list[str]:
+    """`--model a,b` or a wildcard (`resnet*`): the named models, and those of each wildcard whose pretrained
+    weights are cached here (nothing is downloaded)."""
+    import timm
+
+    names: list[str] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if any(c in part for c in "*?["):
+            names += [n for n in timm.list_models(part, pretrained=True) if weights_cached(n)]
+        else:
+            names.append(part)
+    return list(dict.fromkeys(names))
+

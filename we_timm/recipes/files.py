@@ -164,6 +164,20 @@ def write_summary(path: str, rows: list[Mapping[str, Any]]) -> None:
     write_text(path, buf.getvalue())
 
 
+def write_results(results: dict[str, Any], path: str, fmt: str) -> None:
+    """validate.py's results: append a CSV row (header when new) or write a JSON object."""
+    if fmt == "json":
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+        return
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(results))
+        if new:
+            writer.writeheader()
+        writer.writerow(results)
+
+
 def write_jsonl(path: str, records: list[Mapping[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(json_safe(r), sort_keys=True) + "\n" for r in records))
 
