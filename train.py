@@ -31,7 +31,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import InitProcessGroupKwargs
 from timm import utils
 from timm.data import Mixup, resolve_data_config
-from timm.layers import convert_sync_batchnorm
+from timm.layers import convert_sync_batchnorm, set_fast_norm
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -68,6 +68,8 @@ def build_model(args: argparse.Namespace, num_classes: int | None) -> tuple[nn.M
     if args.pretrained_path:  # timm's --pretrained-path: a local file as the pretrained weights, head re-initialised
         factory["pretrained_cfg_overlay"] = dict(file=args.pretrained_path, num_classes=-1)
     pretrained = args.pretrained or bool(args.pretrained_path)
+    if args.fast_norm:
+        set_fast_norm()
     size = args.input_size[1:] if args.input_size else args.img_size
     model = None
     if size is not None and "img_size" not in kwargs:
@@ -76,6 +78,12 @@ def build_model(args: argparse.Namespace, num_classes: int | None) -> tuple[nn.M
             kwargs["img_size"] = list(size) if isinstance(size, list) else size
     if model is None:
         model = _create_model(args.model, pretrained, kwargs, factory)
+    with torch.no_grad():  # timm's head init (after weights from --pretrained, before --initial-checkpoint)
+        if args.head_init_scale is not None:
+            model.get_classifier().weight.mul_(args.head_init_scale)
+            model.get_classifier().bias.mul_(args.head_init_scale)
+        if args.head_init_bias is not None:
+            model.get_classifier().bias.fill_(args.head_init_bias)
     if args.initial_checkpoint:
         state_dict, _ = load_weights(args.initial_checkpoint)
         load_into_model(model, state_dict)
@@ -98,6 +106,7 @@ def _create_model(name: str, pretrained: bool, kwargs: dict, factory: dict, opti
 
 def build_loss(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, Mixup | None]:
     """timm's choice of training loss, and the mixup/cutmix transform if enabled."""
+    bce = dict(sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
     if mixup_active(args):
         mixup_fn = Mixup(
             mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
@@ -105,10 +114,10 @@ def build_loss(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, M
             num_classes=num_classes,
         )
         if args.bce_loss:
-            return BinaryCrossEntropy(target_threshold=args.bce_target_thresh), mixup_fn
+            return BinaryCrossEntropy(target_threshold=args.bce_target_thresh, **bce), mixup_fn
         return SoftTargetCrossEntropy(), mixup_fn  # smoothing is part of the mixed targets
     if args.bce_loss:
-        return BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh), None
+        return BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh, **bce), None
     if args.smoothing:
         return LabelSmoothingCrossEntropy(smoothing=args.smoothing), None
     return nn.CrossEntropyLoss(), None
@@ -238,7 +247,7 @@ def start(t: Trainer, resumed: dict[str, Any] | None) -> int:
     if resumed is not None and acc.scaler is not None and resumed.get("scaler") is not None:
         acc.scaler.load_state_dict(resumed["scaler"])
     if args.torchcompile:
-        t.model = torch.compile(t.model, backend=args.torchcompile)
+        t.model = torch.compile(t.model, backend=args.torchcompile, mode=args.torchcompile_mode)
     pending = start_epoch - 1
     if resumed is not None and t.we is not None and 0 <= pending < t.num_epochs - 1 and t.we.last_epoch != pending:
         evolve(t, pending)  # the step the checkpoint was saved before (WE_SPEC "Where it runs in training")

@@ -30,9 +30,12 @@ import timm
 import torch
 from accelerate import Accelerator
 from timm.data import create_transform, resolve_data_config
+from timm.layers import apply_test_time_pool
+from timm.utils import reparameterize_model
 
 from we_timm.recipes import errors, files
-from we_timm.recipes.args import ArgumentParser
+from we_timm.recipes.args import DEFAULT_EVAL_BATCH_SIZE
+from we_timm.recipes.args import get_validate_parser as get_args_parser
 from we_timm.recipes.checkpoint import checkpoint_files, create_model_from_checkpoint, local_models, model_name
 from we_timm.recipes.data import eval_dataset, prepare_loader
 from we_timm.recipes.engine import evaluate, mixed_precision
@@ -40,48 +43,8 @@ from we_timm.recipes.errors import CheckpointError, DataError
 
 _logger = logging.getLogger("validate")
 
-DEFAULT_BATCH_SIZE = 256  # timm validate.py's default
 # train.py / timm train.py arguments that resolve_data_config reads
 DATA_ARGS = ("input_size", "img_size", "in_chans", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="validate.py", description="Validate a we_timm / timm checkpoint")
-    group = parser.add_argument_group("Model")
-    group.add_argument("--model", "-m", default=None, help="timm architecture (default: the checkpoint's metadata); "
-                       "a list a,b or a wildcard (resnet*) evaluates each model whose pretrained weights are local")
-    group.add_argument("--checkpoint", default="", help=".safetensors (train.py) or timm .pth/.pth.tar weights; "
-                       "a folder evaluates each of its checkpoints (one results row each)")
-    group.add_argument("--pretrained", action="store_true", help="no checkpoint: use timm's pretrained weights (needs a cache)")
-    group.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights (<name>_ema.safetensors or state_dict_ema)")
-    group.add_argument("--num-classes", type=int, default=None, help="classifier size; default: the checkpoint's metadata")
-
-    group = parser.add_argument_group("Data")
-    group.add_argument("--data-dir", default=None, help="image folder root (timm ImageFolder layout, split sub-folders searched)")
-    group.add_argument("--dataset", default="", help="'' for an image folder, 'digits' for sklearn digits, or a timm dataset name; default: the checkpoint's training data")
-    group.add_argument("--split", default="validation", help="dataset split to evaluate")
-    group.add_argument("--img-size", type=int, default=None, help="square input size; default: checkpoint data config")
-    group.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"), help="full input size, overrides --img-size")
-    group.add_argument("--crop-pct", type=float, default=None, help="center-crop fraction; default: checkpoint data config")
-    group.add_argument("--crop-mode", default=None, help="crop mode (center, squash, border); default: checkpoint data config")
-    group.add_argument("--interpolation", default=None, help="resize interpolation; default: checkpoint data config")
-    group.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN", help="normalisation mean")
-    group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD", help="normalisation std")
-    group.add_argument("--num-samples", type=int, default=None, metavar="N", help="evaluate only the first N samples (train.py's --val-num-samples)")
-    group.add_argument("--class-map", default="", help="class to index mapping file for image folders")
-    group.add_argument("--batch-size", "-b", type=int, default=None, help=f"images per process and step; default: the checkpoint's eval batch size, else {DEFAULT_BATCH_SIZE}")
-    group.add_argument("--workers", "-j", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes per process (default: min(4, CPUs))")
-
-    group = parser.add_argument_group("Runtime")
-    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="autocast the forward pass; default: as the checkpoint was trained")
-    group.add_argument("--amp-dtype", default=None, choices=("bfloat16", "float16"), help="autocast dtype with --amp; default: the checkpoint's, else bfloat16")
-    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format; default: as the checkpoint was trained")
-    group.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is present")
-    group.add_argument("--results-file", default="", help="write the results row to this file")
-    group.add_argument("--results-format", default="csv", choices=("csv", "json"), help="format of --results-file")
-    group.add_argument("--no-progress", action="store_true", help="no progress bar")
-    group.add_argument("--debug", action="store_true", help="raise with a traceback instead of a one-line error")
-    return parser
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -92,6 +55,7 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, An
     if args.checkpoint:
         model, metadata, path = create_model_from_checkpoint(
             args.checkpoint, model_name=args.model, num_classes=args.num_classes, use_ema=args.use_ema,
+            **args.model_kwargs,
         )
         metadata = {**metadata, "checkpoint": path}
         return model, metadata
@@ -99,7 +63,7 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, An
         raise CheckpointError("nothing to evaluate: give --checkpoint (or --model with --pretrained)")
     if not timm.is_model(args.model):
         raise CheckpointError(f"unknown timm architecture {args.model!r}")
-    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    kwargs = {**args.model_kwargs, **({} if args.num_classes is None else {"num_classes": args.num_classes})}
     return timm.create_model(args.model, pretrained=args.pretrained, **kwargs), {}
 
 
@@ -114,14 +78,14 @@ def resolve_eval_config(args: argparse.Namespace, model: torch.nn.Module, metada
     if not saved and isinstance(train_args, dict):
         saved = resolve_data_config({k: train_args.get(k) for k in DATA_ARGS}, model=model)
     base = {**model.pretrained_cfg, **saved} if saved else None
-    return resolve_data_config(vars(args), pretrained_cfg=base, model=model)
+    return resolve_data_config(vars(args), pretrained_cfg=base, model=model, use_test_size=not args.use_train_size)
 
 
 def resolve_runtime_args(args: argparse.Namespace, metadata: dict[str, Any]) -> None:
     """Unset batch size / AMP / channels-last follow the checkpoint's training args (same numbers)."""
     train_args = metadata.get("args") if isinstance(metadata.get("args"), dict) else {}
     if args.batch_size is None:
-        args.batch_size = train_args.get("validation_batch_size") or train_args.get("batch_size") or DEFAULT_BATCH_SIZE
+        args.batch_size = train_args.get("validation_batch_size") or train_args.get("batch_size") or DEFAULT_EVAL_BATCH_SIZE
     if args.amp is None:
         args.amp = bool(train_args.get("amp", False))
     if args.amp_dtype is None:
@@ -199,8 +163,12 @@ def validate_bulk(args: argparse.Namespace, jobs: list[argparse.Namespace]) -> l
 
 def _validate(args: argparse.Namespace, model: torch.nn.Module, metadata: dict[str, Any],
               accelerator: Accelerator) -> dict[str, Any]:
+    if args.reparam:
+        model = reparameterize_model(model)
     param_count = sum(p.numel() for p in model.parameters())
     data_config = resolve_eval_config(args, model, metadata)
+    if args.test_pool:
+        model, _ = apply_test_time_pool(model, data_config)
     transform = create_transform(**data_config, is_training=False)
     dataset = build_dataset(args, transform, metadata)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, drop_last=False)

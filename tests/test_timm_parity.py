@@ -71,3 +71,76 @@ def test_resume_a_timm_checkpoint(tmp_path: Path):
     assert "argument(s) of timm's train.py that we_timm does not implement" in out
     weights, meta = load_weights(tmp_path / "out" / "from-timm" / "last.safetensors")
     assert meta["epoch"] == 2 and meta["we_config"] is not None
+
+
+# ----------------------------------------------------------------------------- timm's flags, same meaning
+
+
+def test_model_flags_head_init_and_fast_norm():
+    from timm.layers import is_fast_norm, set_fast_norm
+
+    args = train.parse_args([*TINY, *DIGITS, "--head-init-scale", "0", "--head-init-bias", "0.5", "--fast-norm"])
+    try:
+        model, _ = train.build_model(args, num_classes=10)
+        assert is_fast_norm()
+    finally:
+        set_fast_norm(False)
+    assert (model.get_classifier().weight == 0).all() and (model.get_classifier().bias == 0.5).all()
+
+
+def test_bce_sum_and_pos_weight():
+    args = train.parse_args([*TINY, *DIGITS, "--bce-loss", "--bce-sum", "--bce-pos-weight", "2"])
+    loss_fn, _ = train.build_loss(args, 10)
+    assert loss_fn.sum_classes and float(loss_fn.pos_weight) == 2.0
+    plain, _ = train.build_loss(train.parse_args([*TINY, *DIGITS, "--bce-loss"]), 10)
+    assert not plain.sum_classes and plain.pos_weight is None
+
+
+def test_augmentation_probabilities_and_train_crop_mode():
+    from we_timm.recipes.data import build_train_loaders, load_train_data
+
+    args = train.parse_args([*TINY, *DIGITS, "--grayscale-prob", "1.0", "--gaussian-blur-prob", "0.5",
+                             "--color-jitter-prob", "0.3", "--train-crop-mode", "rkrc"])
+    train_set, val_set, _ = load_train_data(args)
+    config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",
+              "crop_pct": 1.0, "crop_mode": "center"}
+    loader, _ = build_train_loaders(args, config, train_set, val_set)
+    text = repr(loader.dataset.transform)
+    assert "RandomGrayscale(p=1.0)" in text and "GaussianBlur" in text and "p=0.3" in text
+    assert "ResizeKeepRatio" in text or "RandomResizedCropAndInterpolation" not in text  # rkrc: timm's keep-ratio crop
+
+
+def test_torchcompile_mode_reaches_torch_compile(tmp_path: Path, monkeypatch):
+    seen = {}
+
+    def fake_compile(model, **kwargs):
+        seen.update(kwargs)
+        return model
+
+    monkeypatch.setattr(train.torch, "compile", fake_compile)
+    train.main(train.parse_args([*TINY, *DIGITS, "--epochs", "1", "--torchcompile", "--torchcompile-mode",
+                                 "max-autotune", "--output", str(tmp_path), "--experiment", "c"]))
+    assert seen == {"backend": "inductor", "mode": "max-autotune"}
+
+
+def test_validate_flags_reparam_test_pool_train_size_model_kwargs(digits_run: Path, monkeypatch):  # noqa: F811
+    import validate
+
+    calls = {}
+    monkeypatch.setattr(validate, "reparameterize_model", lambda m: calls.setdefault("reparam", m))
+    monkeypatch.setattr(validate, "apply_test_time_pool", lambda m, cfg: calls.setdefault("pool", (m, False)))
+    argv = ["--checkpoint", str(digits_run / "model_best.safetensors"), "--workers", "0", "--no-progress",
+            "--num-samples", "16", "--reparam", "--test-pool", "--use-train-size", "--model-kwargs", "drop_rate=0.3"]
+    validate.main(validate.get_args_parser().parse_args(argv))
+    assert "reparam" in calls and "pool" in calls
+    assert calls["reparam"].drop_rate == 0.3  # --model-kwargs reached create_model
+
+
+def test_validate_use_train_size():
+    import validate
+
+    model = timm.create_model("resnet50.a1_in1k", pretrained=False)  # train 224 px, test 288 px
+    args = validate.get_args_parser().parse_args([])
+    assert validate.resolve_eval_config(args, model, {})["input_size"] == (3, 288, 288)
+    args = validate.get_args_parser().parse_args(["--use-train-size"])
+    assert validate.resolve_eval_config(args, model, {})["input_size"] == (3, 224, 224)

@@ -113,6 +113,10 @@ def _model_args(parser):
                    help="gradient checkpointing through model blocks")
     g.add_argument("--model-kwargs", nargs="*", default={}, action=utils.ParseKwargs,
                    help="extra create_model kwargs, key=value")
+    g.add_argument("--fast-norm", action="store_true", default=False, help="timm's experimental fast-norm")
+    g.add_argument("--head-init-scale", type=float, default=None, help="scale the classifier's initial weights")
+    g.add_argument("--head-init-bias", type=float, default=None, help="the classifier's initial bias value")
+    g.add_argument("--torchcompile-mode", type=str, default=None, help="torch.compile mode (default: None)")
     g.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor",
                    help="torch.compile with this backend (default: inductor)")
 
@@ -178,6 +182,13 @@ def _aug_args(parser):
     g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (default: 0.5)")
     g.add_argument("--vflip", type=float, default=0.0, help="vertical flip probability (default: 0)")
     g.add_argument("--color-jitter", type=float, default=0.4, metavar="PCT", help="color jitter factor (default: 0.4)")
+    g.add_argument("--color-jitter-prob", type=float, default=None, metavar="PCT",
+                   help="probability of applying any color jitter (default: always)")
+    g.add_argument("--grayscale-prob", type=float, default=None, metavar="PCT",
+                   help="probability of a random grayscale conversion (default: none)")
+    g.add_argument("--gaussian-blur-prob", type=float, default=None, metavar="PCT",
+                   help="probability of a gaussian blur (default: none)")
+    g.add_argument("--train-crop-mode", type=str, default=None, help="crop mode in training (timm's)")
     g.add_argument("--aa", type=str, default=None, metavar="NAME",
                    help='AutoAugment policy, e.g. "rand-m9-mstd0.5" (default: None)')
     g.add_argument("--reprob", type=float, default=0.0, metavar="PCT", help="random erase probability (default: 0)")
@@ -196,6 +207,8 @@ def _aug_args(parser):
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
     g.add_argument("--bce-loss", action="store_true", default=False, help="binary cross-entropy loss")
     g.add_argument("--bce-target-thresh", type=float, default=None, help="threshold for binarizing soft BCE targets")
+    g.add_argument("--bce-sum", action="store_true", default=False, help="sum over classes in the BCE loss")
+    g.add_argument("--bce-pos-weight", type=float, default=None, help="positive weighting for the BCE loss")
     g.add_argument("--train-interpolation", type=str, default="random",
                    help='training interpolation (default: "random")')
     g.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout rate (default: 0)")
@@ -370,20 +383,71 @@ def we_config_from_args(args: argparse.Namespace) -> WEConfig | None:
 
 
 
+# ----------------------------------------------------------------------------- validate.py
+
+DEFAULT_EVAL_BATCH_SIZE = 256  # timm validate.py's default
+
+
+def get_validate_parser() -> argparse.ArgumentParser:
+    """validate.py's parser, unparsed."""
+    parser = ArgumentParser(prog="validate.py", description="Validate a we_timm / timm checkpoint")
+    group = parser.add_argument_group("Model")
+    group.add_argument("--model", "-m", default=None, help="timm architecture (default: the checkpoint's metadata); "
+                       "a list a,b or a wildcard (resnet*) evaluates each model whose pretrained weights are local")
+    group.add_argument("--checkpoint", default="", help=".safetensors (train.py) or timm .pth/.pth.tar weights; "
+                       "a folder evaluates each of its checkpoints (one results row each)")
+    group.add_argument("--pretrained", action="store_true", help="no checkpoint: use timm's pretrained weights (needs a cache)")
+    group.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights (<name>_ema.safetensors or state_dict_ema)")
+    group.add_argument("--num-classes", type=int, default=None, help="classifier size; default: the checkpoint's metadata")
+    group.add_argument("--model-kwargs", nargs="*", default={}, action=utils.ParseKwargs,
+                       help="extra create_model kwargs, key=value (over the checkpoint's)")
+    group.add_argument("--reparam", action="store_true", help="reparameterize the model (timm's reparameterize_model)")
+    group.add_argument("--test-pool", action="store_true", help="test-time pooling (timm's apply_test_time_pool)")
+
+    group = parser.add_argument_group("Data")
+    group.add_argument("--data-dir", default=None, help="image folder root (timm ImageFolder layout, split sub-folders searched)")
+    group.add_argument("--dataset", default="", help="'' for an image folder, 'digits' for sklearn digits, or a timm dataset name; default: the checkpoint's training data")
+    group.add_argument("--split", default="validation", help="dataset split to evaluate")
+    group.add_argument("--img-size", type=int, default=None, help="square input size; default: checkpoint data config")
+    group.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"), help="full input size, overrides --img-size")
+    group.add_argument("--use-train-size", action="store_true",
+                       help="the model's train input size, not its test size (timm's use_test_size=False)")
+    group.add_argument("--crop-pct", type=float, default=None, help="center-crop fraction; default: checkpoint data config")
+    group.add_argument("--crop-mode", default=None, help="crop mode (center, squash, border); default: checkpoint data config")
+    group.add_argument("--interpolation", default=None, help="resize interpolation; default: checkpoint data config")
+    group.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN", help="normalisation mean")
+    group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD", help="normalisation std")
+    group.add_argument("--num-samples", type=int, default=None, metavar="N", help="evaluate only the first N samples (train.py's --val-num-samples)")
+    group.add_argument("--class-map", default="", help="class to index mapping file for image folders")
+    group.add_argument("--batch-size", "-b", type=int, default=None, help=f"images per process and step; default: the checkpoint's eval batch size, else {DEFAULT_EVAL_BATCH_SIZE}")
+    group.add_argument("--workers", "-j", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes per process (default: min(4, CPUs))")
+
+    group = parser.add_argument_group("Runtime")
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="autocast the forward pass; default: as the checkpoint was trained")
+    group.add_argument("--amp-dtype", default=None, choices=("bfloat16", "float16"), help="autocast dtype with --amp; default: the checkpoint's, else bfloat16")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format; default: as the checkpoint was trained")
+    group.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is present")
+    group.add_argument("--results-file", default="", help="write the results row to this file")
+    group.add_argument("--results-format", default="csv", choices=("csv", "json"), help="format of --results-file")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("--debug", action="store_true", help="raise with a traceback instead of a one-line error")
+    return parser
+
+
 # ----------------------------------------------------------------------------- YAML (-c)
 
 # Arguments of timm's train.py (1.0.29) that we_timm does not implement: in a `-c` YAML (e.g. the args.yaml
 # of a timm run) they are skipped with one warning; any other unknown key is an error.
 TIMM_ONLY = frozenset("""
-    aug_repeats aug_splits bce_pos_weight bce_sum color_jitter_prob data dataset_trust_remote_code device
-    device_modules distill_loss_weight drop_connect epoch_repeats fast_norm fuser gaussian_blur_prob grayscale_prob
-    head_init_bias head_init_scale input_img_mode input_key jsd_loss kd_distill_type kd_loss_type kd_model_name
+    aug_repeats aug_splits data dataset_trust_remote_code device
+    device_modules distill_loss_weight drop_connect epoch_repeats fuser
+    input_img_mode input_key jsd_loss kd_distill_type kd_loss_type kd_model_name
     kd_student_feature_dim kd_teacher_feature_dim kd_temperature kd_token_distill_type layer_decay_min_scale
     layer_decay_no_opt_scale local_rank log_wandb lr_cycle_decay lr_cycle_limit lr_cycle_mul lr_k_decay lr_noise
     lr_noise_pct lr_noise_std model_dtype model_ema_force_cpu naflex_loader naflex_loss_scale naflex_max_seq_len
     naflex_patch_size_probs naflex_patch_sizes naflex_patchify_channels_first naflex_train_seq_lens no_ddp_bb
-    no_prefetcher resplit save_images split_bn synchronize_step target_key task_loss_weight torchcompile_mode
-    torchscript train_batch_sizes train_batches_per_epoch train_crop_mode train_img_sizes train_size_probs
+    no_prefetcher resplit save_images split_bn synchronize_step target_key task_loss_weight
+    torchscript train_batch_sizes train_batches_per_epoch train_img_sizes train_size_probs
     train_size_random_mix train_size_schedule train_size_schedule_spread tta use_multi_epochs_loader val_interval
     variable_batch_loss_scale wandb_project wandb_resume_id wandb_tags
 """.split())

@@ -299,6 +299,8 @@ def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: A
         train_set, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
         re_mode=args.remode, re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
         vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=interpolation,
+        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
+        gaussian_blur_prob=args.gaussian_blur_prob, train_crop_mode=args.train_crop_mode,
         worker_seeding=args.worker_seeding, **common,
     )
     loader_eval = create_loader(
