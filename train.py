@@ -172,7 +172,7 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
     if resumed is not None:
         state.check_resumable(args, resumed.get("args", {}), args.resume)
         load_into_model(model, state.model_weights(resumed))  # before EMA and optimizer are derived from it
-    model.to(acc.device)
+    model.to(acc.device, dtype=getattr(torch, args.model_dtype or "float32"))
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     resolve_lr(args, acc.num_processes)
@@ -275,8 +275,9 @@ def run_epochs(t: Trainer, start_epoch: int) -> None:
                 if model is not None:
                     utils.distribute_bn(model, acc.num_processes, args.dist_bn == "reduce")
         models = {"model": t.model} if t.model_ema is None else {"model": t.model, "ema": t.model_ema.module}
-        metrics = {kind: evaluate(model, t.loader_eval, acc, channels_last=args.channels_last, progress=False)
-                   for kind, model in models.items()}  # loss, top1, top5 (and num_samples) of the model and EMA
+        dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+        metrics = {kind: evaluate(model, t.loader_eval, acc, channels_last=args.channels_last, progress=False,
+                                  dtype=dtype) for kind, model in models.items()}  # loss, top1, top5 (and num_samples) of the model and EMA
         eval_metrics = metrics["ema" if t.model_ema is not None else "model"]  # timm: EMA's metrics when enabled
         lrs = [g["lr"] for g in t.optimizer.param_groups]
         t.history.append(OrderedDict(

@@ -14,7 +14,7 @@ from timm.models import load_checkpoint
 from timm.optim import create_optimizer_v2
 
 import train
-from test_train import DIGITS, TINY, digits_run, run_train  # noqa: F401  (digits_run: fixture)
+from test_train import DIGITS, TINY, digits_run, read_csv, run_train  # noqa: F401  (digits_run: fixture)
 from we_timm.recipes.checkpoint import load_weights
 from we_timm.recipes.state import load_state
 
@@ -144,3 +144,14 @@ def test_validate_use_train_size():
     assert validate.resolve_eval_config(args, model, {})["input_size"] == (3, 288, 288)
     args = validate.get_args_parser().parse_args(["--use-train-size"])
     assert validate.resolve_eval_config(args, model, {})["input_size"] == (3, 224, 224)
+
+
+def test_model_dtype_bfloat16_run_with_we(tmp_path: Path):
+    """--model-dtype bfloat16: parameters stored in bf16 (WE computes in fp32 and casts back), inputs cast."""
+    run_train([*TINY, *DIGITS, "--epochs", "2", "--weight-evolution", "--model-dtype", "bfloat16",
+               "--output", str(tmp_path), "--experiment", "bf16"], cwd=tmp_path)
+    weights, _ = load_weights(tmp_path / "bf16" / "last.safetensors")
+    assert weights["conv1.0.weight"].dtype == torch.bfloat16
+    assert read_csv(tmp_path / "bf16" / "summary.csv")[0]["we_changed"] != ""
+    with pytest.raises(ValueError, match="--amp needs --model-dtype float32"):
+        train.parse_args([*TINY, "--amp", "--model-dtype", "bfloat16"])

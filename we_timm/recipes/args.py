@@ -114,6 +114,8 @@ def _model_args(parser):
     g.add_argument("--model-kwargs", nargs="*", default={}, action=utils.ParseKwargs,
                    help="extra create_model kwargs, key=value")
     g.add_argument("--fast-norm", action="store_true", default=False, help="timm's experimental fast-norm")
+    g.add_argument("--model-dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="store the model and feed its inputs in this dtype, without AMP (default: float32)")
     g.add_argument("--head-init-scale", type=float, default=None, help="scale the classifier's initial weights")
     g.add_argument("--head-init-bias", type=float, default=None, help="the classifier's initial bias value")
     g.add_argument("--torchcompile-mode", type=str, default=None, help="torch.compile mode (default: None)")
@@ -332,6 +334,7 @@ def resolve_args(args: argparse.Namespace) -> None:
         (args.log_interval >= 1, f"--log-interval must be >= 1, got {args.log_interval}"),
         (args.recovery_interval >= 0, f"--recovery-interval must be >= 0, got {args.recovery_interval}"),
         (args.we_ema == "follow" or args.model_ema, "--we-ema evolve needs --model-ema"),
+        (not args.amp or args.model_dtype in (None, "float32"), "--amp needs --model-dtype float32 (timm's rule)"),
         (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
         (is_model(args.model) or ":" in args.model, f"unknown timm model {args.model!r} (see timm.list_models())"),
         (not (mixup_active(args) and args.batch_size % 2), f"mixup needs an even --batch-size, not {args.batch_size}"),
@@ -444,7 +447,7 @@ TIMM_ONLY = frozenset("""
     input_img_mode input_key jsd_loss kd_distill_type kd_loss_type kd_model_name
     kd_student_feature_dim kd_teacher_feature_dim kd_temperature kd_token_distill_type layer_decay_min_scale
     layer_decay_no_opt_scale local_rank log_wandb lr_cycle_decay lr_cycle_limit lr_cycle_mul lr_k_decay lr_noise
-    lr_noise_pct lr_noise_std model_dtype model_ema_force_cpu naflex_loader naflex_loss_scale naflex_max_seq_len
+    lr_noise_pct lr_noise_std model_ema_force_cpu naflex_loader naflex_loss_scale naflex_max_seq_len
     naflex_patch_size_probs naflex_patch_sizes naflex_patchify_channels_first naflex_train_seq_lens no_ddp_bb
     no_prefetcher resplit save_images split_bn synchronize_step target_key task_loss_weight
     torchscript train_batch_sizes train_batches_per_epoch train_img_sizes train_size_probs

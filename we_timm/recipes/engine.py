@@ -168,6 +168,8 @@ def train_one_epoch(epoch: int, t: Trainer, loader: Any, resume: ResumePoint | N
         seed_step(args.seed, epoch, batch_idx, acc.process_index)
         if t.mixup_fn is not None:
             inputs, target = t.mixup_fn(inputs, target)
+        if args.model_dtype:
+            inputs = inputs.to(getattr(torch, args.model_dtype))
         if args.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with acc.accumulate(t.model):
@@ -218,7 +220,8 @@ def check_loss(t: Trainer, sums: torch.Tensor, epoch: int, update_idx: int) -> t
 
 
 @torch.inference_mode()
-def evaluate(model, loader, accelerator: Accelerator, *, channels_last: bool = False, progress: bool = True) -> dict[str, float]:
+def evaluate(model, loader, accelerator: Accelerator, *, channels_last: bool = False, progress: bool = True,
+             dtype: torch.dtype | None = None) -> dict[str, float]:
     """Mean cross-entropy, top-1 and top-5 (%) over every sample exactly once, identical on all processes.
 
     train.py and validate.py both call this, so validate.py reproduces train.py's numbers: logits and
@@ -232,6 +235,7 @@ def evaluate(model, loader, accelerator: Accelerator, *, channels_last: bool = F
     bar = tqdm(read_batches(loader, "validation"), total=len(loader), desc="validate", leave=False,
                disable=not (progress and accelerator.is_local_main_process))
     for inputs, target in bar:
+        inputs = inputs if dtype is None else inputs.to(dtype)
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
