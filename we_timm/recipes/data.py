@@ -93,19 +93,11 @@ class DigitsDataset(torch.utils.data.Dataset):
         return img, target
 
 
-class FixedSubset(torch.utils.data.Dataset):
-    """`num_samples` items of a map-style dataset drawn at random once (the same in every run and process),
-    kept in their original order: a class-sorted image folder keeps all its classes, unlike its first N items.
+class DatasetView(torch.utils.data.Dataset):
+    """A dataset over another one; setting `.transform` (as timm's `create_loader` does) reaches the wrapped one."""
 
-    Unlike `torch.utils.data.Subset`, setting `.transform` (as timm's `create_loader` does) reaches the
-    wrapped dataset.
-    """
-
-    def __init__(self, dataset: torch.utils.data.Dataset, num_samples: int):
+    def __init__(self, dataset: torch.utils.data.Dataset):
         self.dataset = dataset
-        n = len(dataset)
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(SUBSET_SEED))[: min(int(num_samples), n)]
-        self.indices = sorted(pick.tolist())
 
     @property
     def transform(self) -> Callable | None:
@@ -114,6 +106,18 @@ class FixedSubset(torch.utils.data.Dataset):
     @transform.setter
     def transform(self, value: Callable | None) -> None:
         self.dataset.transform = value
+
+
+class FixedSubset(DatasetView):
+    """`num_samples` items of a map-style dataset drawn at random once (the same in every run and process),
+    kept in their original order: a class-sorted image folder keeps all its classes, unlike its first N items.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, num_samples: int):
+        super().__init__(dataset)
+        n = len(dataset)
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(SUBSET_SEED))[: min(int(num_samples), n)]
+        self.indices = sorted(pick.tolist())
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -134,7 +138,7 @@ def seed_everything(key: int) -> None:
     torch.manual_seed(key)
 
 
-class SeededSamples(torch.utils.data.Dataset):
+class SeededSamples(DatasetView):
     """A training set whose sample `i` of epoch `e` is read and augmented with every RNG seeded from (seed, e, i).
 
     Keys are `e * len + i` (what `EpochShuffle` yields), so a sample's augmentation depends on nothing else: not
@@ -142,16 +146,8 @@ class SeededSamples(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
-        self.dataset = dataset
+        super().__init__(dataset)
         self.seed = seed
-
-    @property
-    def transform(self) -> Callable | None:
-        return getattr(self.dataset, "transform", None)
-
-    @transform.setter
-    def transform(self, value: Callable | None) -> None:
-        self.dataset.transform = value
 
     def __len__(self) -> int:
         return len(self.dataset)
