@@ -43,7 +43,7 @@ from we_timm import WeightEvolution
 from we_timm.recipes import errors, files, state
 from we_timm.recipes.args import get_args_parser, mixup_active, parse_args, we_config_from_args  # noqa: F401
 from we_timm.recipes.checkpoint import load_into_model, load_weights
-from we_timm.recipes.data import build_train_loaders, load_train_data, prepare_loader
+from we_timm.recipes.data import DeviceInputs, build_train_loaders, load_train_data, prepare_loader
 from we_timm.recipes.engine import (Trainer, bind_evolution, check_backend, evaluate, evolve, mixed_precision,
                                     train_one_epoch)
 
@@ -196,6 +196,10 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
     )
     if we_config and ema is not None and args.we_ema == "evolve":
         t.we_ema = WeightEvolution(ema.module, we_config)
+    if not args.no_prefetcher:  # timm's prefetcher: the workers hand over uint8 images
+        dtype = getattr(torch, args.model_dtype or "float32")
+        t.train_inputs = DeviceInputs(data_config, acc.device, dtype, args.reprob, args.remode, args.recount)
+        t.eval_inputs = DeviceInputs(data_config, acc.device, dtype)
     return t, resumed
 
 
@@ -277,7 +281,7 @@ def run_epochs(t: Trainer, start_epoch: int) -> None:
         models = {"model": t.model} if t.model_ema is None else {"model": t.model, "ema": t.model_ema.module}
         dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
         metrics = {kind: evaluate(model, t.loader_eval, acc, channels_last=args.channels_last, progress=False,
-                                  dtype=dtype) for kind, model in models.items()}  # loss, top1, top5 (and num_samples) of the model and EMA
+                                  dtype=dtype, inputs_fn=t.eval_inputs) for kind, model in models.items()}  # loss, top1, top5 (and num_samples) of the model and EMA
         eval_metrics = metrics["ema" if t.model_ema is not None else "model"]  # timm: EMA's metrics when enabled
         lrs = [g["lr"] for g in t.optimizer.param_groups]
         t.history.append(OrderedDict(

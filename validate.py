@@ -30,6 +30,7 @@ import timm
 import torch
 from accelerate import Accelerator
 from timm.data import create_transform, resolve_data_config
+from timm.data.loader import fast_collate
 from timm.layers import apply_test_time_pool
 from timm.utils import reparameterize_model
 
@@ -37,7 +38,7 @@ from we_timm.recipes import errors, files
 from we_timm.recipes.args import DEFAULT_EVAL_BATCH_SIZE
 from we_timm.recipes.args import get_validate_parser as get_args_parser
 from we_timm.recipes.checkpoint import checkpoint_files, create_model_from_checkpoint, local_models, model_name
-from we_timm.recipes.data import eval_dataset, prepare_loader
+from we_timm.recipes.data import DeviceInputs, eval_dataset, prepare_loader
 from we_timm.recipes.engine import evaluate, mixed_precision
 from we_timm.recipes.errors import CheckpointError, DataError
 
@@ -93,6 +94,8 @@ def resolve_runtime_args(args: argparse.Namespace, metadata: dict[str, Any]) -> 
         args.amp_dtype = train_args.get("amp_dtype") if train_args.get("amp_dtype") in ("bfloat16", "float16") else "bfloat16"
     if args.channels_last is None:
         args.channels_last = bool(train_args.get("channels_last", False))
+    if args.prefetcher is None:  # the input path training evaluated with (timm's default: the prefetcher)
+        args.prefetcher = not train_args.get("no_prefetcher", False)
     if args.batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")
 
@@ -170,14 +173,17 @@ def _validate(args: argparse.Namespace, model: torch.nn.Module, metadata: dict[s
     data_config = resolve_eval_config(args, model, metadata)
     if args.test_pool:
         model, _ = apply_test_time_pool(model, data_config)
-    transform = create_transform(**data_config, is_training=False)
+    transform = create_transform(**data_config, is_training=False, use_prefetcher=args.prefetcher)
     dataset = build_dataset(args, transform, metadata)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, drop_last=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                                         drop_last=False, collate_fn=fast_collate if args.prefetcher else None)
+    inputs_fn = DeviceInputs(data_config, accelerator.device) if args.prefetcher else None  # as train.py
     # Only the loader is prepared (sharded per process); evaluation needs no DDP wrapper.
     model = model.to(accelerator.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     loader = prepare_loader(accelerator, loader)
     start = time.perf_counter()
-    metrics = evaluate(model, loader, accelerator, channels_last=args.channels_last, progress=not args.no_progress)
+    metrics = evaluate(model, loader, accelerator, channels_last=args.channels_last, progress=not args.no_progress,
+                       inputs_fn=inputs_fn)
     seconds = time.perf_counter() - start
     results = {
         "model": model_name(model),

@@ -288,6 +288,9 @@ def _misc_args(parser):
     g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
                    help="AMP dtype with --amp (default: float16)")
     g.add_argument("--pin-mem", action="store_true", default=False, help="pin CPU memory in DataLoader")
+    g.add_argument("--no-prefetcher", action="store_true", default=False,
+                   help="workers hand over normalised float images (default: uint8, normalised and erased on the "
+                        "device, as timm's prefetcher)")
     g.add_argument("--output", default="", type=str, metavar="PATH", help="output root (default: ./output/train)")
     g.add_argument("--experiment", default="", type=str, metavar="NAME",
                    help="run folder name (default: date-model-imgsize)")
@@ -429,6 +432,9 @@ def get_validate_parser() -> argparse.ArgumentParser:
     group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="autocast the forward pass; default: as the checkpoint was trained")
     group.add_argument("--amp-dtype", default=None, choices=("bfloat16", "float16"), help="autocast dtype with --amp; default: the checkpoint's, else bfloat16")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format; default: as the checkpoint was trained")
+    group.add_argument("--prefetcher", action=argparse.BooleanOptionalAction, default=None,
+                       help="uint8 images normalised on the device (timm's prefetcher); default: as the checkpoint "
+                            "was trained (--no-prefetcher: normalised by the workers)")
     group.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is present")
     group.add_argument("--results-file", default="", help="write the results row to this file")
     group.add_argument("--results-format", default="csv", choices=("csv", "json"), help="format of --results-file")
@@ -449,7 +455,7 @@ TIMM_ONLY = frozenset("""
     layer_decay_no_opt_scale local_rank log_wandb lr_cycle_decay lr_cycle_limit lr_cycle_mul lr_k_decay lr_noise
     lr_noise_pct lr_noise_std model_ema_force_cpu naflex_loader naflex_loss_scale naflex_max_seq_len
     naflex_patch_size_probs naflex_patch_sizes naflex_patchify_channels_first naflex_train_seq_lens no_ddp_bb
-    no_prefetcher resplit save_images split_bn synchronize_step target_key task_loss_weight
+    resplit save_images split_bn synchronize_step target_key task_loss_weight
     torchscript train_batch_sizes train_batches_per_epoch train_img_sizes train_size_probs
     train_size_random_mix train_size_schedule train_size_schedule_spread tta use_multi_epochs_loader val_interval
     variable_batch_loss_scale wandb_project wandb_resume_id wandb_tags

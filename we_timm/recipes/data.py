@@ -285,8 +285,8 @@ def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: A
         train_set = SeededSamples(train_set, args.seed)
     common = dict(
         input_size=data_config["input_size"], mean=data_config["mean"], std=data_config["std"],
-        num_workers=args.workers, pin_memory=args.pin_mem, use_prefetcher=False, distributed=False,
-        persistent_workers=True, device=torch.device("cpu"),
+        num_workers=args.workers, pin_memory=args.pin_mem, use_prefetcher=not args.no_prefetcher,
+        distributed=False, persistent_workers=True, device=torch.device("cpu"),
     )
     interpolation = args.train_interpolation
     if args.no_aug or not interpolation:
@@ -304,6 +304,8 @@ def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: A
         interpolation=data_config["interpolation"], crop_pct=data_config["crop_pct"],
         crop_mode=data_config.get("crop_mode"), **common,
     )
+    # the prefetcher's device work (normalise, erase) is `DeviceInputs`: keep timm's DataLoader, not its wrapper
+    loader_train, loader_eval = (getattr(loader, "loader", loader) for loader in (loader_train, loader_eval))
     if seeded:  # timm's loader, with the epoch-keyed order instead of its RandomSampler
         loader_train = torch.utils.data.DataLoader(
             train_set, batch_size=args.batch_size, sampler=EpochShuffle(len(train_set), args.seed), drop_last=True,
@@ -312,6 +314,30 @@ def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: A
             persistent_workers=loader_train.persistent_workers,
         )
     return loader_train, loader_eval
+
+
+class DeviceInputs:
+    """timm's prefetcher step, on the batches' device: uint8 images (what the workers hand over, 4x less to copy
+    than float32) become `dtype`, are normalised and, in training, randomly erased (`--reprob`)."""
+
+    def __init__(self, data_config: dict, device: torch.device, dtype: torch.dtype = torch.float32,
+                 re_prob: float = 0.0, re_mode: str = "const", re_count: int = 1):
+        from timm.data.random_erasing import RandomErasing
+        from timm.data.loader import adapt_to_chs
+
+        channels = data_config["input_size"][0]
+        shape = (1, channels, 1, 1)
+        self.dtype = dtype
+        self.mean = torch.tensor([255 * x for x in adapt_to_chs(data_config["mean"], channels)], device=device,
+                                 dtype=dtype).view(shape)
+        self.std = torch.tensor([255 * x for x in adapt_to_chs(data_config["std"], channels)], device=device,
+                                dtype=dtype).view(shape)
+        self.erase = RandomErasing(probability=re_prob, mode=re_mode, max_count=re_count, device=device) \
+            if re_prob > 0 else None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.dtype).sub_(self.mean).div_(self.std)
+        return images if self.erase is None else self.erase(images)
 
 
 def prepare_loader(acc: Any, loader: torch.utils.data.DataLoader) -> Any:

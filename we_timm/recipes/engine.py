@@ -11,7 +11,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,8 @@ class Trainer:
     we_ema: WeightEvolution | None = None  # --we-ema evolve: the EMA's own WE step
     out_dir: str | None = None  # the run folder, on the main process only
     resume_point: ResumePoint | None = None  # where a recovery state left the first epoch
+    train_inputs: Callable[[torch.Tensor], torch.Tensor] | None = None  # prefetcher: normalise + erase on device
+    eval_inputs: Callable[[torch.Tensor], torch.Tensor] | None = None  # prefetcher: normalise on device
     num_updates: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # summary.csv rows
     we_records: list[dict[str, Any]] = field(default_factory=list)  # we_stats.jsonl lines
@@ -166,6 +168,8 @@ def train_one_epoch(epoch: int, t: Trainer, loader: Any, resume: ResumePoint | N
                disable=None if acc.is_main_process else True)
     for batch_idx, (inputs, target) in enumerate(bar, start=update_idx * args.grad_accum_steps):
         seed_step(args.seed, epoch, batch_idx, acc.process_index)
+        if t.train_inputs is not None:
+            inputs = t.train_inputs(inputs)
         if t.mixup_fn is not None:
             inputs, target = t.mixup_fn(inputs, target)
         if args.model_dtype:
@@ -221,7 +225,7 @@ def check_loss(t: Trainer, sums: torch.Tensor, epoch: int, update_idx: int) -> t
 
 @torch.inference_mode()
 def evaluate(model, loader, accelerator: Accelerator, *, channels_last: bool = False, progress: bool = True,
-             dtype: torch.dtype | None = None) -> dict[str, float]:
+             dtype: torch.dtype | None = None, inputs_fn: Callable | None = None) -> dict[str, float]:
     """Mean cross-entropy, top-1 and top-5 (%) over every sample exactly once, identical on all processes.
 
     train.py and validate.py both call this, so validate.py reproduces train.py's numbers: logits and
@@ -235,6 +239,7 @@ def evaluate(model, loader, accelerator: Accelerator, *, channels_last: bool = F
     bar = tqdm(read_batches(loader, "validation"), total=len(loader), desc="validate", leave=False,
                disable=not (progress and accelerator.is_local_main_process))
     for inputs, target in bar:
+        inputs = inputs if inputs_fn is None else inputs_fn(inputs)
         inputs = inputs if dtype is None else inputs.to(dtype)
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
