@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     """train.py's full parser, unparsed (tests and tools reuse it)."""
     parser = ArgumentParser(prog="train.py", description="timm + Accelerate training with Weight Evolution")
     parser.add_argument("-c", "--config", default="", metavar="FILE", help="YAML file of argument defaults (CLI wins)")
-    for add in (_data_args, _model_args, _optim_args, _sched_args, _aug_args, _ema_args, add_we_args, _misc_args):
+    for add in (_data_args, _model_args, _optim_args, _sched_args, _aug_args, _ema_args, _we_train_args, _misc_args):
         add(parser)
     return parser
 
@@ -217,8 +217,9 @@ def _ema_args(parser):
     g.add_argument("--model-ema-warmup", action="store_true", help="EMA decay warmup")
 
 
-def add_we_args(parser: argparse.ArgumentParser) -> None:
-    """The "Weight evolution" group: --weight-evolution and one --we-<field> per WEConfig field (train.py, inspect)."""
+def add_we_args(parser: argparse.ArgumentParser) -> Any:
+    """The "Weight evolution" group: --weight-evolution and one --we-<field> per WEConfig field (train.py, inspect);
+    returns the group."""
     d = WEConfig()
     g = parser.add_argument_group("Weight evolution", "WEConfig fields (WE_SPEC.md), used with --weight-evolution")
     g.add_argument("--weight-evolution", action=argparse.BooleanOptionalAction, default=False,
@@ -242,6 +243,14 @@ def add_we_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--we-alpha", type=_alpha, default=d.alpha, help='"adaptive" or a fixed float in [0, 1]')
     g.add_argument("--we-level", default=d.level, choices=LEVELS, help="element or filter crossover")
     g.add_argument("--we-ln-c", type=float, default=d.ln_c, help="official variant: the release's ln_c")
+    return g
+
+
+def _we_train_args(parser):
+    g = add_we_args(parser)
+    g.add_argument("--we-inspect-every", type=int, default=0, metavar="N",
+                   help="write we_inspect/epoch_<E>.csv/.png (python -m we_timm.inspect's report) into the run "
+                        "folder before the WE step of every N-th epoch (default: 0, off)")
 
 
 def _misc_args(parser):
@@ -303,6 +312,7 @@ def resolve_args(args: argparse.Namespace) -> None:
         (args.grad_accum_steps >= 1, f"--grad-accum-steps must be >= 1, got {args.grad_accum_steps}"),
         (args.log_interval >= 1, f"--log-interval must be >= 1, got {args.log_interval}"),
         (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
+        (args.we_inspect_every >= 0, f"--we-inspect-every must be >= 0, got {args.we_inspect_every}"),
         (is_model(args.model) or ":" in args.model, f"unknown timm model {args.model!r} (see timm.list_models())"),
         (not (mixup_active(args) and args.batch_size % 2), f"mixup needs an even --batch-size, not {args.batch_size}"),
         (not args.data_dir or os.path.isdir(args.data_dir), f"--data-dir {args.data_dir} is not a directory"),
