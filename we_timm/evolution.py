@@ -240,14 +240,14 @@ class WeightEvolution:
         imp = torch.cat([m.imp for m in members])
         spread = ops.unit_spread(imp, layout)
         below = imp <= spread[2][layout.unit_of] * cfg.gamma
-        counts = [ops.unit_counts(x, layout) for x in (imp < th, below)] + [torch.tensor(inferior)]
-        self._diagnose(pp, members, units, spread, counts, torch.tensor(th))
+        counts = [ops.unit_counts(x, layout) for x in (imp < th, below)] + [imp.new_tensor(inferior).long()]
+        self._diagnose(pp, members, units, spread, counts, imp.new_tensor(th))
 
     @staticmethod
     def _diagnose(pp: PoolPlan, members: list[Member], units: dict[int, UnitPlan], spread: Tensor,
                   counts: list[Tensor], threshold: Tensor) -> None:
         """Per-unit importance spread and selection counts, and the pool threshold (one device sync)."""
-        table = torch.cat([spread.double(), torch.stack(counts).to(spread.device).double(),
+        table = torch.cat([spread.double(), torch.stack(counts).double(),
                            threshold.double().reshape(1, 1).expand(1, len(members))]).cpu().tolist()
         for k, m in enumerate(members):
             up = units[id(m.unit)]
