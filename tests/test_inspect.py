@@ -105,6 +105,21 @@ def test_cli_flags_override_the_checkpoint_config(timm_model, one_thread, tmp_pa
     assert inspect.given_we_fields(["x", "--output-dir", "o", "--we-gamma", "0.05"]) == {"gamma": 0.05}
 
 
+def test_training_state_with_model_kwargs(one_thread, tmp_path: Path):
+    """A train.py training state: architecture and create_model kwargs from its args, WE config from its WE state."""
+    import timm
+
+    kwargs = {"layers": [1, 1, 1, 0], "channels": [8, 16, 16, 16], "stem_width": 8}
+    model = timm.create_model("resnet18", num_classes=10, **kwargs)
+    cfg = WEConfig(variant="official", gamma=0.3, milestones=(4,))
+    state = {"model": model.state_dict(), "epoch": 2, "we": WeightEvolution(model, cfg).state_dict(),
+             "args": {"model": "resnet18", "num_classes": 10, "model_kwargs": kwargs, "gp": None}}
+    torch.save(state, tmp_path / "last.pth.tar")
+    plan = inspect.main([str(tmp_path / "last.pth.tar"), "--output-dir", str(tmp_path / "o")])
+    assert plan.epoch == 2 and plan.variant == "official" and set(plan.pools) == {"conv", "norm", "bias"}
+    assert {u.name for u in plan.units} >= {"conv1.weight", "layer3.0.conv2.weight"}
+
+
 def _bad_cases(tmp_path: Path, model: torch.nn.Module) -> dict[str, tuple[list[str], str]]:
     good = tmp_path / "good.safetensors"
     write_checkpoint(model, good, None)
