@@ -36,7 +36,7 @@ experiment_digits.py; runs already done are reused). Outputs in --out:
     long_results.csv     one row per run: final/best top-1, wall time, values WE changed (total and per pool)
     long_summary.md      mean ± std table with Welch's t-test, conv values changed per run, the inspect reports
                          per epoch (conv pool: filters below gamma, inferior, paired, values changed)
-    long_inspect.png     one inspect report of a WE run (seed 0, the last inspected epoch)
+    long_inspect.png     the first inspect report (epoch 4) of the WE-L run that changed the most conv values
 """
 from __future__ import annotations
 
@@ -165,6 +165,25 @@ def conv_table(results: list[dict]) -> list[str]:
     return lines
 
 
+def conv_by_epoch(results: list[dict], runs_dir: Path) -> list[str]:
+    """The WE steps that changed conv values (summary.csv's we_changed_conv), per method: mean over seeds."""
+    lines = ["| method | WE step after epoch | conv values changed (mean over seeds) | seeds with conv changes |",
+             "|---|---|---|---|"]
+    for method in METHODS:
+        per: dict[int, list[int]] = {}
+        rs = [r for r in results if r["method"] == method]
+        for r in rs:
+            with open(runs_dir / r["tag"] / "summary.csv", newline="") as f:
+                for row in csv.DictReader(f):
+                    if row.get("we_changed_conv"):
+                        per.setdefault(int(row["epoch"]), []).append(int(float(row["we_changed_conv"])))
+        for epoch, values in sorted(per.items()):
+            if any(values):
+                lines.append(f"| {ed.LABELS[method]} | {epoch} | {statistics.fmean(values):.1f} | "
+                             f"{sum(v > 0 for v in values)} of {len(rs)} |")
+    return lines
+
+
 def write_summary(results: list[dict], runs_dir: Path, out: Path, header: dict) -> str:
     import timm
 
@@ -180,11 +199,13 @@ def write_summary(results: list[dict], runs_dir: Path, out: Path, header: dict) 
              "and two-sided p compare final top-1 with the baseline's.", "",
              "## Comparison", "", *ed.table(results, MODEL, list(METHODS)), "",
              "## Values changed by WE", "", *conv_table(results), "",
+             "Steps in which conv values changed:", "", *conv_by_epoch(results, runs_dir), "",
              "## Inspect reports (train.py --we-inspect-every), mean over seeds", "",
              "Before the WE step of the epoch (0-based). RI = relative importance ||W_j||_1 / max_i ||W_i||_1 in the "
-             "filter's group; inferior = globally selected and RI < gamma (before the floor(n/2) cap); paired = "
-             "evolved. The \"min RI\" column is the smallest importance ratio to the layer's largest filter over all "
-             "layers of the pool and seeds.", "", *inspect_table(results, runs_dir), ""]
+             "filter's group. With local selection (these runs) inferior = RI < gamma (before the floor(n/2) cap); "
+             "\"globally selected\" is the global selection the default WE would use, shown for reference only. "
+             "Paired = evolved. \"min RI\" is the smallest ratio of a filter's importance to its layer's largest, "
+             "over all layers of the pool and all seeds.", "", *inspect_table(results, runs_dir), ""]
     text = "\n".join(lines)
     (out / "long_summary.md").write_text(text)
     return text
@@ -217,10 +238,12 @@ def main(argv: list[str] | None = None) -> None:
                   n_val=180 if opts.quick else 360, argv=[*RECIPE[2:], *(QUICK if opts.quick else [])])
     write_csv(results, out)
     print(write_summary(results, runs_dir, out, header))
-    reports = sorted((runs_dir / "long-we_l-s0" / "we_inspect").glob("epoch_*.png"),
-                     key=lambda q: int(q.stem.split("_")[1]))
-    if reports:
-        shutil.copyfile(reports[-1], out / "long_inspect.png")
+    we_runs = [r for r in results if r["method"] == "we_l"]
+    most = max(we_runs, key=lambda r: (r["we_changed_conv"], -r["seed"]), default=None)
+    reports = sorted((runs_dir / most["tag"] / "we_inspect").glob("epoch_*.png"),
+                     key=lambda q: int(q.stem.split("_")[1])) if most else []
+    if reports:  # its first report: conv filters are paired early, while the stem still has RI < gamma
+        shutil.copyfile(reports[0], out / "long_inspect.png")
     with open(runs_dir / "_summary.json", "w") as f:
         json.dump({"wall_s": wall, "ran": ran}, f)
     print(f"wrote {out}/long_results.csv, long_summary.md, long_inspect.png (this invocation: {wall / 60:.1f} min)")
