@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from we_timm import WeightEvolution
-from we_timm.recipes import errors, files, state
+from we_timm.recipes import errors, files, inspect, state
 from we_timm.recipes.args import get_args_parser, mixup_active, parse_args, we_config_from_args  # noqa: F401
 from we_timm.recipes.checkpoint import load_into_model, load_weights
 from we_timm.recipes.data import DeviceInputs, build_train_loaders, load_train_data, prepare_loader
@@ -295,6 +295,7 @@ def run_epochs(t: Trainer, start_epoch: int) -> None:
                     f"before saving epoch {epoch}, so the newest checkpoint predates it and is intact")
         state.save_checkpoint(t, epoch, {kind: {k: m[k] for k in ("loss", "top1", "top5")} for kind, m in metrics.items()})
         if t.we is not None and epoch < t.num_epochs - 1:
+            inspect.write_before_step(t, epoch)  # --we-inspect-every: what this step will do, as CSV + PNG
             evolve(t, epoch)
         t.scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
         write_run_files(t)

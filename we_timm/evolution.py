@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from . import official, ops
 from .config import WEConfig
 from .discovery import Unit, count_conv2d, discover, unwrap_model
+from .plan import PoolPlan, UnitPlan, WEPlan
 from .schedule import selection_rate
 
 _log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class WEStats:
     selected: dict[str, int] = field(default_factory=dict)  # inferior filters evolved per pool
     inferior: dict[str, int] = field(default_factory=dict)  # param name -> inferior filters evolved
     changed: int = 0  # parameter elements whose value changed
+    changed_by_pool: dict[str, int] = field(default_factory=dict)  # the same, per pool
     abs_change_sum: float = 0.0
     skipped: list[str] = field(default_factory=list)  # params skipped for non-finite values
 
@@ -72,6 +75,8 @@ class WEStats:
             d[f"we_selected_{pool}"] = n
         d["we_inferior"] = sum(self.inferior.values())
         d["we_changed"] = self.changed
+        for pool, n in self.changed_by_pool.items():
+            d[f"we_changed_{pool}"] = n
         d["we_mean_abs_change"] = self.mean_abs_change
         return d
 
@@ -126,22 +131,65 @@ class WeightEvolution:
         return {pool: selection_rate(epoch, self.config, pool) for pool in self.pools}
 
     @torch.no_grad()
+    def plan(self, epoch: int) -> WEPlan:
+        """Dry run of `step(epoch)`: what it would select, pair and change, per parameter and per pool.
+
+        Reads the weights only: neither the model nor the official variant's
+        counters change (the plan holds the counters' next values; `step`
+        commits them). `step` is `plan` + writing the planned values.
+        """
+        plan = WEPlan(epoch, self.config.variant, counters=dict(self.counters))
+        rates = self.rates(epoch)
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            by_pool, units = self._members()
+            plan_pool = self._official_pool if self.config.variant == "official" else self._paper_pool
+            staged: list[tuple[UnitPlan, Tensor, Tensor]] = []  # (unit, changed count, |change| sum), read at once
+            for pool in self.pools:
+                plan.pools[pool] = PoolPlan(pool, rates[pool])
+                if by_pool[pool]:
+                    plan_pool(plan.pools[pool], by_pool[pool], units, plan.counters, staged)
+            if staged:
+                counts = torch.stack([c for _, c, _ in staged]).tolist()  # one device sync for all units
+                sums = torch.stack([a for _, _, a in staged]).tolist()
+                for (up, _, _), n, a in zip(staged, counts, sums):
+                    up.changed, up.abs_change = int(n), float(a)
+        plan.units = [units[id(u)] for u in self.units]
+        for up in plan.units:
+            if not up.skipped:
+                pp = plan.pools[up.pool]
+                pp.filters += up.filters
+                pp.selected_global += up.selected_global
+                pp.paired += up.paired
+                pp.changed += up.changed
+        return plan
+
+    @torch.no_grad()
     def step(self, epoch: int) -> WEStats:
         """Evolve the model once, after 0-based `epoch` finished; returns what changed."""
-        stats = WEStats(epoch=epoch, rates=self.rates(epoch))
-        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-            by_pool = self._members(stats)
-            evolve = self._official_pool if self.config.variant == "official" else self._paper_pool
-            for pool, members in by_pool.items():
-                stats.selected[pool] = 0
-                if members:
-                    evolve(pool, members, stats.rates[pool], stats)
+        plan = self.plan(epoch)
+        for up in plan.units:
+            if up.index is not None:
+                self._write(up.unit, up.index, up.values)
+        self.counters = dict(plan.counters)
         self.last_epoch = epoch
         self.num_steps += 1
+        return self._stats(plan)
+
+    @staticmethod
+    def _stats(plan: WEPlan) -> WEStats:
+        stats = WEStats(epoch=plan.epoch, rates={pool: p.rate for pool, p in plan.pools.items()},
+                        selected={pool: p.paired for pool, p in plan.pools.items()}, skipped=plan.skipped,
+                        changed_by_pool={pool: p.changed for pool, p in plan.pools.items()})
+        for up in plan.units:
+            if up.paired:
+                stats.inferior[up.name] = up.paired
+            stats.changed += up.changed
+            stats.abs_change_sum += up.abs_change
         return stats
 
-    def _members(self, stats: WEStats) -> dict[str, list[Member]]:
-        """Each pool's units with step-start weights; layers holding NaN/inf are skipped whole."""
+    def _members(self) -> tuple[dict[str, list[Member]], dict[int, UnitPlan]]:
+        """Each pool's units with step-start weights, and an empty plan per unit; layers holding NaN/inf are
+        skipped whole."""
         read, finite = [], []
         for unit in self.units:
             w = full_value(unit.param).float().reshape(unit.shape3)
@@ -151,25 +199,30 @@ class WeightEvolution:
         finite = torch.stack(finite).tolist() if finite else []  # one device sync for all units
         bad_layers = {m.unit.layer for m, ok in zip(read, finite) if not ok}
         by_pool: dict[str, list[Member]] = {pool: [] for pool in self.pools}
+        units: dict[int, UnitPlan] = {}
         for m in read:
-            if m.unit.layer in bad_layers:
-                stats.skipped.append(m.unit.name)
-            else:
+            skipped = m.unit.layer in bad_layers
+            units[id(m.unit)] = UnitPlan(m.unit, m.w.shape[0], m.unit.groups, skipped=skipped,
+                                         importance=None if skipped else m.imp)
+            if not skipped:
                 by_pool[m.unit.pool].append(m)
-        if stats.skipped:
-            names = ", ".join(stats.skipped[:4]) + (", ..." if len(stats.skipped) > 4 else "")
+        skipped = [m.unit.name for m in read if m.unit.layer in bad_layers]
+        if skipped:
+            names = ", ".join(skipped[:4]) + (", ..." if len(skipped) > 4 else "")
             _log.warning("weight evolution: skipped %d parameters whose layers hold non-finite values (%s)",
-                         len(stats.skipped), names)
-        return by_pool
+                         len(skipped), names)
+        return by_pool, units
 
-    def _paper_pool(self, pool: str, members: list[Member], rate: float, stats: WEStats) -> None:
+    def _paper_pool(self, pp: PoolPlan, members: list[Member], units: dict[int, UnitPlan],
+                    counters: dict[str, int], staged: list) -> None:
         cfg = self.config
         layout = self._layout(members)
         imp = torch.cat([m.imp for m in members])
-        tbd = None if cfg.selection == "local" else layout.pad(ops.global_select(imp, rate), False)
-        gamma = None if cfg.selection == "global" else cfg.gamma
+        selected = ops.global_select(imp, pp.rate)  # also with selection="local": a diagnostic there
         l1 = layout.pad(torch.cat([m.l1 for m in members]))
-        mask = ops.inferior_rows(l1, layout.valid, tbd, gamma)
+        tbd = None if cfg.selection == "local" else layout.pad(selected, False)
+        mask = ops.inferior_rows(l1, layout.valid, tbd, None if cfg.selection == "global" else cfg.gamma)
+        below = mask if cfg.selection == "local" else ops.inferior_rows(l1, layout.valid, None, cfg.gamma)
         rows, inf_col, dom_col = ops.match_rows(
             layout.pad(imp), layout.valid, mask, layout.half, reverse=cfg.matching == "reverse"
         )
@@ -179,13 +232,52 @@ class WeightEvolution:
             unit, w, _, _ = members[u]
             dom = dom_by_unit[u]
             if cfg.level == "filter" or w.shape[1] * w.shape[2] == 1:
-                new = ops.crossover_filter(w, inf, dom, cfg.alpha)
-                self._write(unit, w[inf], (inf,), new, stats)
+                idx, new = (inf,), ops.crossover_filter(w, inf, dom, cfg.alpha)
             else:
                 r, s, q, new = ops.crossover_element(w, inf, dom, cfg.alpha)
-                self._write(unit, w[r, s, q], (r, s, q), new, stats)
-            self._count(unit, pool, int(inf.numel()), stats)
+                idx = (r, s, q)
+            self._stage(units[id(unit)], int(inf.numel()), w[idx], idx, new, staged)
+        threshold = torch.where(selected, imp, torch.full_like(imp, -math.inf)).amax()  # -inf: none selected
+        counts = [ops.unit_counts(x, layout) for x in (selected, below[layout.valid], mask[layout.valid])]
+        self._diagnose(pp, members, units, ops.unit_spread(imp, layout), counts, threshold)
 
+    def _official_pool(self, pp: PoolPlan, members: list[Member], units: dict[int, UnitPlan],
+                       counters: dict[str, int], staged: list) -> None:
+        cfg = self.config
+        th = official.threshold([m.imp for m in members], pp.rate)
+        inferior = []
+        for unit, w, _, imp in members:
+            c, counters[pp.pool] = official.layer_count(imp, th, cfg.gamma, counters[pp.pool], self.ln_per)
+            inferior.append(max(c, 0))
+            if c <= 0:
+                continue
+            inf, dom = official.pairs(imp, c)
+            if inf.numel() == 0:
+                continue
+            wi, wd = w[inf], w[dom]
+            whole = pp.pool != "conv" or unit.one_by_one
+            new = official.crossover_whole(wi, wd) if whole else official.crossover_slices(wi, wd)
+            self._stage(units[id(unit)], int(inf.numel()), wi, (inf,), new, staged)
+        layout = self._layout(members)
+        imp = torch.cat([m.imp for m in members])
+        spread = ops.unit_spread(imp, layout)
+        below = imp <= spread[2][layout.unit_of] * cfg.gamma
+        counts = [ops.unit_counts(x, layout) for x in (imp < th, below)] + [imp.new_tensor(inferior).long()]
+        self._diagnose(pp, members, units, spread, counts, imp.new_tensor(th))
+
+    @staticmethod
+    def _diagnose(pp: PoolPlan, members: list[Member], units: dict[int, UnitPlan], spread: Tensor,
+                  counts: list[Tensor], threshold: Tensor) -> None:
+        """Per-unit importance spread and selection counts, and the pool threshold (one device sync)."""
+        table = torch.cat([spread.double(), torch.stack(counts).double(),
+                           threshold.double().reshape(1, 1).expand(1, len(members))]).cpu().tolist()
+        for k, m in enumerate(members):
+            up = units[id(m.unit)]
+            up.imp_min, up.imp_median, up.imp_max = table[0][k], table[1][k], table[2][k]
+            up.selected_global, up.below_gamma, up.inferior = int(table[3][k]), int(table[4][k]), int(table[5][k])
+        pp.threshold = table[6][0] if table[6][0] != -math.inf else math.nan
+
+    # --------------------------------------------------------------- helpers
     def _layout(self, members: list[Member]) -> ops.RowLayout:
         """Row layout of a pool's members, cached while the same units take part."""
         key = tuple(id(m.unit) for m in members)
@@ -194,40 +286,23 @@ class WeightEvolution:
             self._layouts[key] = ops.RowLayout(sizes, device=members[0].w.device)
         return self._layouts[key]
 
-    def _official_pool(self, pool: str, members: list[Member], rate: float, stats: WEStats) -> None:
-        cfg = self.config
-        th = official.threshold([m.imp for m in members], rate)
-        for unit, w, _, imp in members:
-            c, self.counters[pool] = official.layer_count(imp, th, cfg.gamma, self.counters[pool], self.ln_per)
-            if c <= 0:
-                continue
-            inf, dom = official.pairs(imp, c)
-            if inf.numel() == 0:
-                continue
-            wi, wd = w[inf], w[dom]
-            whole = pool != "conv" or unit.one_by_one
-            new = official.crossover_whole(wi, wd) if whole else official.crossover_slices(wi, wd)
-            self._write(unit, wi, (inf,), new, stats)
-            self._count(unit, pool, int(inf.numel()), stats)
-
-    # --------------------------------------------------------------- helpers
     @staticmethod
-    def _count(unit: Unit, pool: str, n: int, stats: WEStats) -> None:
-        stats.selected[pool] += n
-        stats.inferior[unit.name] = stats.inferior.get(unit.name, 0) + n
+    def _stage(up: UnitPlan, paired: int, old: Tensor, idx: tuple[Tensor, ...], vals: Tensor, staged: list) -> None:
+        """Plan writing float32 `vals` at `idx` of the unit's (n, S, K) view, cast to the param's dtype.
 
-    @staticmethod
-    def _write(unit: Unit, old: Tensor, idx: tuple[Tensor, ...], vals: Tensor, stats: WEStats) -> None:
-        """Store float32 `vals` at `idx` of the unit's (n, S, K) view, cast to the param's dtype.
-
-        `old` holds the step-start float32 values at `idx`; only the touched
-        positions are compared and written.
+        `old` holds the step-start float32 values at `idx`; the changed count and
+        |change| sum stay on the device until the plan reads them all at once.
         """
+        dtype = up.unit.param.dtype
+        new = vals.to(dtype)
+        diff = new != old.to(dtype)
+        up.index, up.values, up.paired = idx, new, paired
+        staged.append((up, diff.sum(), torch.where(diff, (new.float() - old).abs(), 0.0).sum()))
+
+    @staticmethod
+    def _write(unit: Unit, idx: tuple[Tensor, ...], new: Tensor) -> None:
+        """Store `new` (in the param's dtype) at `idx` of the unit's (n, S, K) view."""
         p = unit.param.detach()
-        new = vals.to(p.dtype)
-        diff = new != old.to(p.dtype)
-        stats.changed += int(diff.sum())
-        stats.abs_change_sum += float((new.float() - old).abs()[diff].sum())
         if is_dtensor(p):  # an FSDP2 shard: edit the whole value, keep this rank's slice
             buf = full_value(p).reshape(unit.shape3).clone()
             buf[idx] = new

@@ -74,6 +74,20 @@ class RowLayout:
         return out
 
 
+def unit_spread(flat: Tensor, layout: RowLayout) -> Tensor:
+    """(3, units) min, lower median (as torch.median) and max of a pool's flat per-filter vector, per unit."""
+    values, order = torch.sort(flat, stable=True)
+    grouped = values[torch.sort(layout.unit_of[order], stable=True).indices]  # each unit's values, ascending
+    start, end = layout.offsets[:-1], layout.offsets[1:] - 1
+    return torch.stack([grouped[start], grouped[start + (end - start) // 2], grouped[end]])
+
+
+def unit_counts(mask: Tensor, layout: RowLayout) -> Tensor:
+    """Number of True entries of a pool's flat per-filter mask, per unit."""
+    out = torch.zeros(layout.num_units, dtype=torch.long, device=mask.device)
+    return out.index_add_(0, layout.unit_of, mask.long())
+
+
 def inferior_rows(l1: Tensor, valid: Tensor, tbd: Tensor | None, gamma: float | None) -> Tensor:
     """Inferior filters (step 2) of padded (R, M) rows, each row one group.
 

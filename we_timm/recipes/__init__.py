@@ -9,6 +9,7 @@ the WE core (`we_timm`) never imports it.
     files       atomic writes, summary.csv, we_stats.jsonl, plots
     errors      exception types and one-line `error:` reporting
     export      checkpoint -> timm / HF hub folder (`python -m we_timm.export`)
+    inspect     dry-run WE on a checkpoint: CSV, PNG, table (`python -m we_timm.inspect`, --we-inspect-every)
 
 Modules are imported by name (`from we_timm.recipes import state`); importing this package loads nothing.
 """

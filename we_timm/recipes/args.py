@@ -49,8 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     """train.py's full parser, unparsed (tests and tools reuse it)."""
     parser = ArgumentParser(prog="train.py", description="timm + Accelerate training with Weight Evolution")
     parser.add_argument("-c", "--config", default="", metavar="FILE", help="YAML file of argument defaults (CLI wins)")
-    for add in (_data_args, _model_args, _optim_args, _sched_args, _aug_args, _ema_args, add_we_args, _we_train_args,
-                _misc_args):
+    for add in (_data_args, _model_args, _optim_args, _sched_args, _aug_args, _ema_args, _we_train_args, _misc_args):
         add(parser)
     return parser
 
@@ -235,8 +234,9 @@ def _ema_args(parser):
     g.add_argument("--model-ema-warmup", action="store_true", help="EMA decay warmup")
 
 
-def add_we_args(parser: argparse.ArgumentParser) -> None:
-    """The "Weight evolution" group: --weight-evolution and one --we-<field> per WEConfig field (train.py, inspect)."""
+def add_we_args(parser: argparse.ArgumentParser) -> Any:
+    """The "Weight evolution" group: --weight-evolution and one --we-<field> per WEConfig field (train.py, inspect);
+    returns the group."""
     d = WEConfig()
     g = parser.add_argument_group("Weight evolution", "WEConfig fields (WE_SPEC.md), used with --weight-evolution")
     g.add_argument("--weight-evolution", action=argparse.BooleanOptionalAction, default=False,
@@ -260,10 +260,15 @@ def add_we_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--we-alpha", type=_alpha, default=d.alpha, help='"adaptive" or a fixed float in [0, 1]')
     g.add_argument("--we-level", default=d.level, choices=LEVELS, help="element or filter crossover")
     g.add_argument("--we-ln-c", type=float, default=d.ln_c, help="official variant: the release's ln_c")
+    return g
 
 
 def _we_train_args(parser):
-    g = parser.add_argument_group("Weight evolution in training", "what else a WE step touches")
+    """The WE group plus what only training has: inspection reports, and what else a WE step touches."""
+    g = add_we_args(parser)
+    g.add_argument("--we-inspect-every", type=int, default=0, metavar="N",
+                   help="write we_inspect/epoch_<E>.csv/.png (python -m we_timm.inspect's report) into the run "
+                        "folder before the WE step of every N-th epoch (default: 0, off)")
     g.add_argument("--we-ema", default="follow", choices=("follow", "evolve"),
                    help="follow: the EMA keeps averaging the evolved weights (default); evolve: the EMA gets its own "
                         "WE step after the model's")
@@ -339,6 +344,7 @@ def resolve_args(args: argparse.Namespace) -> None:
         (args.we_ema == "follow" or args.model_ema, "--we-ema evolve needs --model-ema"),
         (not args.amp or args.model_dtype in (None, "float32"), "--amp needs --model-dtype float32 (timm's rule)"),
         (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
+        (args.we_inspect_every >= 0, f"--we-inspect-every must be >= 0, got {args.we_inspect_every}"),
         (is_model(args.model) or ":" in args.model, f"unknown timm model {args.model!r} (see timm.list_models())"),
         (not (mixup_active(args) and args.batch_size % 2), f"mixup needs an even --batch-size, not {args.batch_size}"),
         (not args.data_dir or os.path.isdir(args.data_dir), f"--data-dir {args.data_dir} is not a directory"),

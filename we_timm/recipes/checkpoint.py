@@ -227,6 +227,12 @@ def _torch_metadata(ckpt: Mapping[str, Any], key: str) -> dict[str, Any]:
             meta["num_classes"] = args["num_classes"]
         if isinstance(args.get("model"), str):  # train.py's training state has no `arch`
             meta.setdefault("architecture", args["model"])
+        # create_model kwargs as timm's and our train.py build them from these args (img_size aside)
+        kwargs = {key: args[flag] for flag, key in (("in_chans", "in_chans"), ("gp", "global_pool"),
+                  ("bn_momentum", "bn_momentum"), ("bn_eps", "bn_eps")) if args.get(flag) is not None}
+        kwargs.update(args["model_kwargs"] if isinstance(args.get("model_kwargs"), dict) else {})
+        if kwargs:
+            meta["model_kwargs"] = kwargs
     return meta
 
 

@@ -36,7 +36,7 @@ WEIGHTS_EXT = ".safetensors"
 STATE_EXT = ".pth.tar"
 # arguments that may differ on resume without a warning: where and how verbosely, not what, is trained
 QUIET_ARGS = {"resume", "output", "experiment", "start_epoch", "config", "log_interval", "workers", "debug",
-              "log_tensorboard", "pin_mem", "checkpoint_hist", "recovery_interval"}
+              "log_tensorboard", "pin_mem", "checkpoint_hist", "recovery_interval", "we_inspect_every"}
 
 
 @dataclass
