@@ -115,7 +115,7 @@ def build_loss(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, M
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
     """Accelerate: `--amp` overrides the accelerate config's mixed precision; shuffles seeded by (seed, epoch)."""
     try:
-        return Accelerator(
+        acc = Accelerator(
             mixed_precision=mixed_precision(args.amp, args.amp_dtype),
             gradient_accumulation_steps=args.grad_accum_steps,
             log_with="tensorboard" if args.log_tensorboard else None,
@@ -127,6 +127,10 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
         )
     except (ValueError, RuntimeError) as e:
         raise ValueError(f"cannot set up Accelerate: {errors.one_line(e)}") from None
+    if acc.mixed_precision == "fp16" and acc.device.type == "cpu":  # Accelerate would silently run fp32
+        raise ValueError("mixed precision float16 (--amp --amp-dtype float16, or the accelerate config) needs a GPU; "
+                         "on CPU use --amp-dtype bfloat16, or leave out --amp")
+    return acc
 
 
 def resolve_lr(args: argparse.Namespace, world_size: int) -> None:
@@ -193,8 +197,7 @@ def make_output_dir(t: Trainer) -> None:
     size = t.meta["data_config"]["input_size"][-1]
     name = args.experiment or f"{datetime.now():%Y%m%d-%H%M%S}-{safe_model_name(args.model)}-{size}"
     out_dir = os.path.join(args.output or "./output/train", name)
-    if os.path.exists(os.path.join(out_dir, "args.yaml")) and not args.resume:
-        raise ValueError(f"{out_dir} already holds a run; pass a new --experiment, or --resume {out_dir}")
+    state.check_run_folder_free(out_dir, args.resume)
     os.makedirs(out_dir, exist_ok=True)
     for tmp in files.remove_stale_temps(out_dir):
         _logger.warning(f"removed {tmp}, a partial file left by an interrupted checkpoint write")
@@ -300,6 +303,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def fit(args: argparse.Namespace, acc: Accelerator) -> dict[str, Any]:
     """Everything after the Accelerator: set up, restore, train the epochs, write the final files."""
+    if args.experiment:  # before the data are read; make_output_dir checks it again for a generated name
+        state.check_run_folder_free(os.path.join(args.output or "./output/train", args.experiment), args.resume)
     t, resumed = setup(args, acc)
     start_epoch = start(t, resumed)
     params = sum(p.numel() for p in t.raw_model.parameters()) / 1e6
@@ -308,11 +313,8 @@ def fit(args: argparse.Namespace, acc: Accelerator) -> dict[str, Any]:
                  f"WE {t.we.config if t.we else 'off'}, output {t.out_dir}")
     if start_epoch >= t.num_epochs:
         _logger.warning(f"the run already completed its {t.num_epochs} epochs; pass a larger --epochs to train longer")
-    try:
-        with logging_redirect_tqdm():
-            run_epochs(t, start_epoch)
-    except KeyboardInterrupt:
-        _logger.warning("interrupted")
+    with logging_redirect_tqdm():  # Ctrl-C ends it: `errors.run` exits 130; summary.csv is as of the last epoch
+        run_epochs(t, start_epoch)
     write_run_files(t, plot=True)
     if t.keeper.best is not None and t.out_dir is not None:
         _logger.info(f"*** Best metric: {t.keeper.best[0]} (epoch {t.keeper.best[1]})")

@@ -31,7 +31,7 @@ import torch
 from accelerate import Accelerator
 from timm.data import create_transform, resolve_data_config
 
-from we_timm.recipes import errors
+from we_timm.recipes import errors, files
 from we_timm.recipes.args import ArgumentParser
 from we_timm.recipes.checkpoint import create_model_from_checkpoint, model_name
 from we_timm.recipes.data import eval_dataset
@@ -164,8 +164,24 @@ def _accelerator(args: argparse.Namespace) -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision(args.amp, args.amp_dtype) or "no", cpu=args.cpu)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Values checked before any work, and --results-file writable before the evaluation (not after it)."""
+    for flag, value in (("--img-size", args.img_size), ("--num-classes", args.num_classes),
+                        ("--num-samples", args.num_samples), ("--batch-size", args.batch_size),
+                        ("--input-size", min(args.input_size) if args.input_size else None)):
+        if value is not None and value < 1:
+            raise DataError(f"{flag} must be >= 1, got {value}")
+    if args.workers < 0:
+        raise DataError(f"--workers must be >= 0, got {args.workers}")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise DataError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if args.results_file:
+        files.check_writable(args.results_file, "--results-file")
+
+
 def validate(args: argparse.Namespace) -> dict[str, Any]:
     """Build, evaluate, report; raises CheckpointError / DataError on bad inputs."""
+    check_args(args)
     model, metadata = build_model(args)
     resolve_runtime_args(args, metadata)
     accelerator = _accelerator(args)

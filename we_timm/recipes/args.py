@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 from typing import Any, Mapping, NoReturn
 
 import torch
@@ -314,10 +315,64 @@ def resolve_args(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         ok = not path or os.path.isfile(path) or (flag == "resume" and path == "auto")
         checks.append((ok, f"--{flag.replace('_', '-')} {path}: no such file"))
-    for ok, message in checks:
+    for ok, message in checks + value_checks(args):
         if not ok:
             raise ValueError(message)
     we_config_from_args(args)  # validates the --we-* values
+
+
+def _in(value: Any, low: float, high: float, flag: str, high_open: bool = False) -> tuple[bool, str]:
+    """(value is None or within [low, high] / [low, high), message naming the flag)."""
+    ok = value is None or (low <= value < high if high_open else low <= value <= high)
+    return ok, f"{flag} must be in [{low:g}, {high:g}{')' if high_open else ']'}, got {value}"
+
+
+def _at_least(value: Any, low: int, flag: str) -> tuple[bool, str]:
+    return value is None or value >= low, f"{flag} must be >= {low}, got {value}"
+
+
+def _n_values(values: Any, counts: tuple[int, ...], flag: str) -> tuple[bool, str]:
+    ok = values is None or len(values) in counts
+    return ok, f"{flag} takes {' or '.join(map(str, counts))} value(s), got {values}"
+
+
+def experiment_name_check(name: str) -> tuple[bool, str]:
+    """An experiment is a plain folder name inside --output: no path separators, not '.' or '..'."""
+    ok = not name or (name not in (".", "..") and "/" not in name and os.sep not in name and name.strip() == name)
+    return ok, f"--experiment {name!r} must be a plain folder name (no '/', not '.' or '..'); use --output for the parent"
+
+
+def value_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
+    """(ok, message naming the flag) for every value train.py would otherwise ignore, or fail on mid-run."""
+    chans = args.input_size[0] if args.input_size else args.in_chans or 3
+    return [
+        experiment_name_check(args.experiment),
+        _at_least(args.num_classes, 1, "--num-classes"),
+        _at_least(args.validation_batch_size, 1, "--validation-batch-size (-vb)"),
+        _at_least(args.train_num_samples, 1, "--train-num-samples"),
+        _at_least(args.val_num_samples, 1, "--val-num-samples"),
+        _at_least(args.img_size, 1, "--img-size"),
+        _at_least(min(args.input_size) if args.input_size else None, 1, "--input-size"),
+        _at_least(args.checkpoint_hist, 0, "--checkpoint-hist"),
+        _at_least(args.warmup_epochs, 0, "--warmup-epochs"),
+        _at_least(args.lr, 0, "--lr"),
+        (chans == 3, f"--in-chans/--input-size give {chans} channel(s), but the data are loaded as RGB images "
+                     "(3 channels)"),
+        _n_values(args.mean, (1, chans), "--mean"),
+        _n_values(args.std, (1, chans), "--std"),
+        (not args.std or min(args.std) > 0, f"--std must be > 0, got {args.std}"),
+        _n_values(args.scale, (2,), "--scale"),
+        _n_values(args.ratio, (2,), "--ratio"),
+        _n_values(args.cutmix_minmax, (2,), "--cutmix-minmax"),
+        _in(args.smoothing, 0, 1, "--smoothing", high_open=True),
+        _in(args.crop_pct, 0, 1, "--crop-pct") if args.crop_pct != 0 else (False, "--crop-pct must be > 0"),
+        _in(args.model_ema_decay, 0, 1, "--model-ema-decay"),
+        *(_in(getattr(args, k), 0, 1, f"--{k.replace('_', '-')}") for k in ("mixup_prob", "mixup_switch_prob",
+                                                                            "reprob", "hflip", "vflip")),
+        *(_in(getattr(args, k), 0, 1, f"--{k.replace('_', '-')}", high_open=True)
+          for k in ("drop", "drop_path", "drop_block")),
+        (args.mixup >= 0 and args.cutmix >= 0, f"--mixup and --cutmix must be >= 0, got {args.mixup}, {args.cutmix}"),
+    ]
 
 
 def mixup_active(args: argparse.Namespace) -> bool:
@@ -349,7 +404,10 @@ def we_config_from_args(args: argparse.Namespace) -> WEConfig | None:
     values = {f.name: getattr(args, f"we_{f.name}") for f in dataclasses.fields(WEConfig)}
     if values["milestones"] is None:
         values["milestones"] = lr_decay_epochs(args)
-    return WEConfig(**values)
+    try:
+        return WEConfig(**values)
+    except ValueError as e:  # "WEConfig.rate must ..." -> "--we-rate must ..."
+        raise ValueError(re.sub(r"WEConfig\.(\w+)", lambda m: "--we-" + m.group(1).replace("_", "-"), str(e))) from None
 
 
 
@@ -359,6 +417,9 @@ def we_config_from_args(args: argparse.Namespace) -> WEConfig | None:
 def _coerce(action: argparse.Action, key: str, value: Any) -> Any:
     """A YAML value as argparse would have produced it from the command line (ValueError if it cannot)."""
     if value is None:
+        if action.default is not None:
+            raise ValueError(f"{key}: null is not a value (leave the key out for the default, "
+                             f"{action.default!r})")
         return None
     if action.nargs == 0:  # store_true / store_false
         if not isinstance(value, bool):
@@ -390,11 +451,24 @@ def _coerce_one(action: argparse.Action, key: str, value: Any) -> Any:
     return value
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     """YAML file -> validated parser defaults; unknown keys and ill-typed values raise ValueError."""
     try:
         with open(path, encoding="utf-8") as f:
-            cfg = yaml.safe_load(f)
+            cfg = yaml.load(f, Loader=UniqueKeyLoader)
     except OSError as e:
         raise ValueError(f"cannot read config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:

@@ -227,6 +227,11 @@ def _torch_metadata(ckpt: Mapping[str, Any], key: str) -> dict[str, Any]:
             meta["num_classes"] = args["num_classes"]
         if isinstance(args.get("model"), str):  # train.py's training state has no `arch`
             meta.setdefault("architecture", args["model"])
+        if isinstance(args.get("model_kwargs"), dict):  # states written before they recorded their model_kwargs
+            meta["model_kwargs"] = args["model_kwargs"]
+    for key in ("architecture", "num_classes", "model_kwargs", "data_config", "we_config"):  # train.py's states
+        if ckpt.get(key) is not None:
+            meta[key] = ckpt[key]
     return meta
 
 

@@ -106,10 +106,22 @@ def resolve_resume(resume: str, output: str, experiment: str) -> str:
     folder = os.path.join(output or "./output/train", experiment) if resume == "auto" else resume
     path = newest_state(folder)
     if path is None and resume != "auto":
-        raise ValueError(f"--resume {folder}: no last.pth.tar or checkpoint-N.pth.tar in this folder")
+        raise ValueError(f"--resume {folder}: no last.pth.tar or checkpoint-N.pth.tar in this folder; nothing to "
+                         "continue: run the command without --resume (or with --resume auto)")
     if path is None:
         _logger.warning(f"--resume auto: no training state in {folder} yet; starting the run")
     return path or "auto"
+
+
+def check_run_folder_free(folder: str, resume: str) -> None:
+    """A new run may use `folder` unless it holds checkpoints: a run that failed before its first checkpoint
+    (args.yaml, perhaps summary.csv) does not block the corrected command."""
+    if resume or not os.path.isdir(folder):
+        return
+    saved = sorted(n for n in os.listdir(folder) if n.endswith((STATE_EXT, WEIGHTS_EXT)))
+    if saved:
+        raise ValueError(f"{folder} already holds a run ({', '.join(saved[:3])}); pass a new --experiment, "
+                         f"or --resume {folder} to continue it")
 
 
 def saved_args(path: str) -> dict[str, Any]:
@@ -176,6 +188,8 @@ def training_state(t: Trainer, epoch: int) -> dict[str, Any]:
         "history": json_safe(t.history),
         "we_records": json_safe(t.we_records),
         "args": json_safe(vars(t.args)),
+        # what rebuilds the model without train.py's flags (validate.py and export read a state like a .safetensors)
+        **{k: t.meta[k] for k in ("architecture", "num_classes", "model_kwargs", "data_config", "we_config")},
     }
 
 
