@@ -228,6 +228,9 @@ def start(t: Trainer, resumed: dict[str, Any] | None) -> int:
     args, acc = t.args, t.accelerator
     start_epoch = state.restore_state(t, resumed) if resumed is not None else 0
     make_output_dir(t)
+    if resumed is not None and t.out_dir is not None:  # a kill mid-save: links and evictions it did not make
+        for path in t.keeper.reconcile(start_epoch - 1):
+            _logger.warning(f"repaired {path}: the checkpoint save of epoch {start_epoch - 1} was interrupted")
     t.model, t.optimizer = acc.prepare(t.model, t.optimizer)
     if resumed is not None and acc.scaler is not None and resumed.get("scaler") is not None:
         acc.scaler.load_state_dict(resumed["scaler"])

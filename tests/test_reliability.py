@@ -530,6 +530,47 @@ def test_kill_then_resume_is_bitwise_identical(digits_run: Path, tmp_path: Path,
     assert no_time(read_csv(run / "summary.csv")) == no_time(read_csv(digits_run / "summary.csv"))
 
 
+SAVE_RUN_ARGS = [*TINY, *DIGITS, "--epochs", "2", "--weight-evolution", "--model-ema", "--model-ema-decay", "0.5",
+                 "--checkpoint-hist", "1", "--eval-metric", "loss"]  # epoch 1 is a new best and evicts epoch 0
+
+
+def _same_run_files(a: Path, b: Path) -> None:
+    """Same file names; same weights, epochs and summary rows."""
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for p in a.iterdir():
+        if p.name.endswith(".safetensors"):
+            (x, mx), (y, my) = load_weights(p), load_weights(b / p.name)
+            assert mx["epoch"] == my["epoch"] and all(torch.equal(x[k], y[k]) for k in x), p.name
+        elif p.name.endswith(".pth.tar"):
+            x, y = state.load_state(str(p)), state.load_state(str(b / p.name))
+            assert x["epoch"] == y["epoch"] and x["checkpoints"] == y["checkpoints"], p.name
+            assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"]), p.name
+    assert no_time(read_csv(a / "summary.csv")) == no_time(read_csv(b / "summary.csv"))
+
+
+def test_kill_at_every_file_operation_of_a_checkpoint_save(tmp_path: Path):
+    """SIGKILL before each file operation of epoch 1's save (write last.*, link checkpoint-1.* and model_best.*,
+    remove the evicted checkpoint-0.*): `--resume auto` repairs the folder from the state's ranking and ends
+    with exactly the uninterrupted run's files, bit for bit."""
+    where = ["--output", str(tmp_path)]
+    run_train([*SAVE_RUN_ARGS, *where, "--experiment", "full"], cwd=tmp_path)
+    full = tmp_path / "full"
+    assert load_weights(full / "model_best.safetensors")[1]["epoch"] == 1 and not (full / "checkpoint-0.pth.tar").exists()
+    killed = 0
+    for k in range(20):
+        name = f"k{k}"
+        proc = run_fault(f"kill:save@{k}:1", [*SAVE_RUN_ARGS, *where, "--experiment", name], cwd=tmp_path)
+        if proc.returncode == 0:  # the save has k operations: every one was interrupted once
+            _same_run_files(full, tmp_path / name)
+            break
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        killed += 1
+        out = run_train([*SAVE_RUN_ARGS, *where, "--experiment", name, "--resume", "auto"], cwd=tmp_path)
+        assert ("repaired" in out) == (k >= 3), (k, out[-2000:])  # after last.pth.tar (op 2) the folder lags it
+        _same_run_files(full, tmp_path / name)
+    assert killed == 11  # 3 writes of last.*, 3 links checkpoint-1.*, 2 links model_best*, 3 removals
+
+
 def test_official_variant_killed_in_we_step_resumes_exactly(tmp_path: Path):
     """The official variant's per-layer counters advance in the WE step the resumed run redoes."""
     argv = [*TINY, *DIGITS, "--epochs", "3", "--weight-evolution", "--we-variant", "official", "--output", str(tmp_path)]

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from accelerate.utils import gather_object
 
-from .checkpoint import atomic_save, ema_sibling, is_safetensors_file, load_into_model, save_safetensors, torch_load
-from .errors import one_line
+from .checkpoint import (atomic_save, ema_sibling, is_safetensors_file, load_into_model, read_metadata,
+                         save_safetensors, torch_load)
+from .errors import CheckpointError, one_line
 from .files import json_safe, link_or_copy, remove
 
 if TYPE_CHECKING:
@@ -298,6 +300,37 @@ class CheckpointKeeper:
                     remove(_restem(src, f"checkpoint-{old}"))
         return is_best
 
+    def reconcile(self, epoch: int) -> list[str]:
+        """Make the folder match the ranking of the resumed state of `epoch`; returns the paths changed.
+
+        `save` writes `last.*` (whose state already holds the new ranking) before it links `checkpoint-<epoch>.*`
+        and `model_best.*` and removes evicted epochs: a kill in between leaves links missing, a stale
+        `model_best` and orphan files. Links are made only from a file that holds the right epoch.
+        """
+        changed: list[str] = []
+        kinds = [k for k in ("", "_ema") if os.path.exists(self.path("last" + k))]
+        kept = {e for _, e in self.kept}
+        wanted = [(f"checkpoint-{e}{k}", ext, e) for e in sorted(kept) for k, ext in
+                  [(k, WEIGHTS_EXT) for k in kinds] + [("", STATE_EXT)]]
+        if self.best is not None:
+            wanted += [(f"model_best{k}", WEIGHTS_EXT, self.best[1]) for k in kinds]
+        for stem, ext, e in wanted:
+            dst = self.path(stem, ext)
+            if _epoch_of(dst) == e:
+                continue
+            suffix = "_ema" if stem.endswith("_ema") else ""
+            src = next((p for p in (self.path("last" + suffix, ext), self.path(f"checkpoint-{e}{suffix}", ext))
+                        if _epoch_of(p) == e), None)
+            if src is not None:
+                link_or_copy(src, dst)
+                changed.append(dst)
+        for name in sorted(os.listdir(self.out_dir)):  # evicted epochs whose files were not removed yet
+            m = re.fullmatch(r"checkpoint-(\d+)(_ema)?(\.safetensors|\.pth\.tar)", name)
+            if m and int(m.group(1)) <= epoch and int(m.group(1)) not in kept:
+                remove(os.path.join(self.out_dir, name))
+                changed.append(os.path.join(self.out_dir, name))
+        return changed
+
     def _write_last(self, weights: Mapping[str, tuple[Any, Any]], state: dict[str, Any]) -> list[str]:
         files = []
         for kind, (sd, meta) in weights.items():
@@ -309,6 +342,18 @@ class CheckpointKeeper:
         atomic_save(state, state_path)
         files.append(state_path)
         return files
+
+
+def _epoch_of(path: str) -> int | None:
+    """The epoch a weights file or training state was saved at (None: missing or unreadable)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        if path.endswith(WEIGHTS_EXT):
+            return read_metadata(path).get("epoch")
+        return int(load_state(path, mmap=True)["epoch"])
+    except (CheckpointError, ValueError):
+        return None
 
 
 def _restem(path: str, stem: str) -> str:
