@@ -42,7 +42,7 @@ from we_timm import WeightEvolution
 from we_timm.recipes import errors, files, state
 from we_timm.recipes.args import get_args_parser, mixup_active, parse_args, we_config_from_args  # noqa: F401
 from we_timm.recipes.checkpoint import load_into_model, load_weights
-from we_timm.recipes.data import build_train_loaders, load_train_data
+from we_timm.recipes.data import build_train_loaders, load_train_data, report_bad_images
 from we_timm.recipes.engine import Trainer, evaluate, evolve, mixed_precision, seed_epoch, train_one_epoch
 
 _logger = logging.getLogger("train")
@@ -264,6 +264,7 @@ def run_epochs(t: Trainer, start_epoch: int) -> None:
         metrics = {kind: evaluate(model, t.loader_eval, acc, channels_last=args.channels_last, progress=False)
                    for kind, model in models.items()}  # loss, top1, top5 (and num_samples) of the model and EMA
         eval_metrics = metrics["ema" if t.model_ema is not None else "model"]  # timm: EMA's metrics when enabled
+        report_bad_images(epoch, t.loader_train.dataset, t.loader_eval.dataset)
         lrs = [g["lr"] for g in t.optimizer.param_groups]
         t.history.append(OrderedDict(
             epoch=epoch, **{f"train_{k}": v for k, v in train_metrics.items()},

@@ -324,13 +324,31 @@ def test_train_unreadable_data_mid_run_is_one_line_error(tmp_path: Path, capsys,
 
 
 def test_train_skips_a_single_corrupt_image(tmp_path: Path, caplog):
-    """One unreadable file in an ImageFolder is skipped with a warning (timm's behaviour); the run completes."""
+    """One unreadable file in an ImageFolder is skipped with a warning naming it (timm skips it); the epoch ends
+    with the count; the run completes."""
     data = Path(_data(tmp_path, train=4, val=2))
     (data / "train" / "class1" / "2.png").write_bytes(b"not a png")
     assert train.cli([*TINY, "--epochs", "1", "--data-dir", str(data), "-b", "4", "--output", str(tmp_path / "out"),
                       "--experiment", "x"]) == 0
     assert "Skipped sample" in caplog.text
+    assert f"unreadable training image skipped: {data / 'train' / 'class1' / '2.png'}" in caplog.text
+    assert "epoch 0: 1 unreadable training image(s) skipped" in caplog.text
     assert (tmp_path / "out" / "x" / "last.safetensors").is_file()
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_more_bad_images_than_allowed_stop_the_run(tmp_path: Path, capsys, workers: str):
+    """Scattered corrupt files (never 10 in a row, so timm goes on): beyond --max-bad-images the run stops."""
+    data = Path(_data(tmp_path, train=8, val=2))
+    for f in sorted((data / "train").rglob("*.png"))[1::3]:
+        f.write_bytes(b"\x89PNG truncated")
+    with pytest.raises(SystemExit) as e:
+        train.cli([*TINY, "--epochs", "1", "--data-dir", str(data), "-b", "4", "--output", str(tmp_path / "out"),
+                   "--experiment", "x", "--workers", workers, "--max-bad-images", "3"])
+    assert str(e.value.code) == ("error: more than 3 unreadable training images in one epoch (named in the warnings "
+                                 "above); fix or remove them, or raise --max-bad-images"), e.value.code
+    assert "Traceback" not in capsys.readouterr().err
+    assert not list((tmp_path / "out" / "x").glob("*.pth.tar"))
 
 
 # ----------------------------------------------------------------------------- validate.py (beyond test_validate.py)

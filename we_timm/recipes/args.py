@@ -22,6 +22,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from torch import nn
 
 from ..config import LAYER_KINDS, LEVELS, MATCHINGS, SELECTIONS, VARIANTS, WEConfig
+from .data import DEFAULT_MAX_BAD_IMAGES
 from .errors import UsageError, one_line
 from .state import resolve_resume, saved_args
 
@@ -72,6 +73,9 @@ def _data_args(parser):
     g.add_argument("--dataset-download", action="store_true", default=False, help="allow torch/ datasets to download")
     g.add_argument("--class-map", default="", type=str, metavar="FILENAME",
                    help='path to class to idx mapping file (default: "")')
+    g.add_argument("--max-bad-images", type=int, default=DEFAULT_MAX_BAD_IMAGES, metavar="N",
+                   help="unreadable images (skipped, named in a warning) tolerated per split and epoch before the "
+                        f"run stops (default: {DEFAULT_MAX_BAD_IMAGES})")
 
 
 def _model_args(parser):
@@ -354,6 +358,7 @@ def value_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
         _at_least(args.img_size, 1, "--img-size"),
         _at_least(min(args.input_size) if args.input_size else None, 1, "--input-size"),
         _at_least(args.checkpoint_hist, 0, "--checkpoint-hist"),
+        _at_least(args.max_bad_images, 0, "--max-bad-images"),
         _at_least(args.warmup_epochs, 0, "--warmup-epochs"),
         _at_least(args.lr, 0, "--lr"),
         (chans == 3, f"--in-chans/--input-size give {chans} channel(s), but the data are loaded as RGB images "

@@ -22,7 +22,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-from .errors import DataError, one_line
+from .errors import DataError, DataReadError, one_line
 
 _logger = logging.getLogger(__name__)
 
@@ -114,6 +114,81 @@ class HeadSubset(torch.utils.data.Dataset):
         if not -self.num_samples <= index < self.num_samples:
             raise IndexError(index)
         return self.dataset[index % self.num_samples]
+
+
+DEFAULT_MAX_BAD_IMAGES = 10  # unreadable images tolerated per split and epoch (timm skips them) before the run stops
+_reading: list["BadImageCounter"] = []  # the counter whose item this process is reading
+
+
+class _SkippedSamples(logging.Filter):
+    """Sees timm's "Skipped sample (index i)" warnings (in whichever process reads) and counts them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if _reading and msg.startswith("Skipped sample"):
+            _reading[-1].skipped(msg)
+        return True
+
+
+_SKIPPED = _SkippedSamples()
+
+
+class BadImageCounter(torch.utils.data.Dataset):
+    """A map-style dataset whose unreadable images (skipped by timm) are named with their path and counted
+    across DataLoader workers; more than `limit` in one epoch raises DataReadError."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, what: str, limit: int):
+        import multiprocessing
+
+        self.dataset, self.what, self.limit = dataset, what, limit
+        self.count = multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Value("i", 0)
+
+    @property
+    def transform(self) -> Callable | None:
+        return getattr(self.dataset, "transform", None)
+
+    @transform.setter
+    def transform(self, value: Callable | None) -> None:
+        self.dataset.transform = value
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        logging.getLogger("timm.data.dataset").addFilter(_SKIPPED)  # once per process (addFilter ignores repeats)
+        _reading.append(self)
+        try:
+            item = self.dataset[index]
+        finally:
+            _reading.pop()
+        if self.count.value > self.limit:
+            raise DataReadError(f"more than {self.limit} unreadable {self.what} images in one epoch (named in the "
+                                "warnings above); fix or remove them, or raise --max-bad-images")
+        return item
+
+    def skipped(self, message: str) -> None:
+        inner = getattr(self.dataset, "dataset", self.dataset)  # under HeadSubset
+        index = message.split("(index ", 1)[-1].split(")", 1)[0]
+        path = inner.filename(int(index), absolute=True) if hasattr(inner, "filename") and index.isdigit() else "?"
+        _logger.warning(f"unreadable {self.what} image skipped: {path} ({message.split('). ', 1)[-1]})")
+        with self.count.get_lock():
+            self.count.value += 1
+
+    def take_count(self) -> int:
+        """Unreadable images met since the last call (the epoch's), and start counting anew."""
+        with self.count.get_lock():
+            n, self.count.value = self.count.value, 0
+        return n
+
+
+def report_bad_images(epoch: int, *datasets: Any) -> None:
+    """The end-of-epoch summary of the unreadable images each split skipped."""
+    for dataset in datasets:
+        if isinstance(dataset, BadImageCounter):
+            n = dataset.take_count()
+            if n:
+                _logger.warning(f"epoch {epoch}: {n} unreadable {dataset.what} image(s) skipped (named above; the "
+                                f"run stops beyond --max-bad-images {dataset.limit} in one epoch)")
 
 
 def num_classes_of(dataset: Any) -> int | None:
@@ -293,6 +368,9 @@ def load_train_data(args: Any) -> tuple[Any, Any, int | None]:
     classes = num_classes_of(train)
     if args.num_classes and classes and args.num_classes < classes:
         raise DataError(f"--num-classes {args.num_classes} is less than the {classes} classes of the training data")
+    if args.dataset != DIGITS:
+        train, val = (BadImageCounter(d, what, args.max_bad_images) for d, what in ((train, "training"),
+                                                                                    (val, "validation")))
     return train, val, classes
 
 

@@ -135,6 +135,8 @@ def read_batches(loader: Any, what: str) -> Iterator[Any]:
             if is_collective_failure(e):
                 raise
             lines = [line for line in str(e).splitlines() if line.strip()]  # a worker's error ends with the cause
+            if isinstance(e, DataReadError):  # ours, maybe re-raised from a worker as "<module>.DataReadError: ..."
+                raise DataReadError(lines[-1].split("DataReadError: ", 1)[-1] if lines else str(e)) from e
             raise DataReadError(f"reading the {what} data failed: {lines[-1] if lines else type(e).__name__} "
                                 "(the warnings above name the unreadable files)") from e
         yield batch
