@@ -41,7 +41,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from we_timm import WeightEvolution
 from we_timm.recipes import errors, files, state
 from we_timm.recipes.args import get_args_parser, mixup_active, parse_args, we_config_from_args  # noqa: F401
-from we_timm.recipes.checkpoint import load_into_model, load_weights
+from we_timm.recipes.checkpoint import check_pretrained_reachable, load_into_model, load_weights
 from we_timm.recipes.data import build_train_loaders, load_train_data, report_bad_images
 from we_timm.recipes.engine import Trainer, evaluate, evolve, mixed_precision, seed_epoch, train_one_epoch
 
@@ -66,6 +66,8 @@ def build_model(args: argparse.Namespace, num_classes: int | None) -> tuple[nn.M
     if args.pretrained_path:  # timm's --pretrained-path: a local file as the pretrained weights, head re-initialised
         factory["pretrained_cfg_overlay"] = dict(file=args.pretrained_path, num_classes=-1)
     pretrained = args.pretrained or bool(args.pretrained_path)
+    if args.pretrained and not args.pretrained_path:
+        check_pretrained_reachable(args.model)
     size = args.input_size[1:] if args.input_size else args.img_size
     model = None
     if size is not None and "img_size" not in kwargs:

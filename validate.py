@@ -33,7 +33,7 @@ from timm.data import create_transform, resolve_data_config
 
 from we_timm.recipes import errors, files
 from we_timm.recipes.args import ArgumentParser
-from we_timm.recipes.checkpoint import create_model_from_checkpoint, model_name
+from we_timm.recipes.checkpoint import check_pretrained_reachable, create_model_from_checkpoint, model_name
 from we_timm.recipes.data import eval_dataset
 from we_timm.recipes.engine import evaluate, mixed_precision
 from we_timm.recipes.errors import CheckpointError, DataError
@@ -98,6 +98,8 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, An
     if not timm.is_model(args.model):
         raise CheckpointError(f"unknown timm architecture {args.model!r}")
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    if args.pretrained:
+        check_pretrained_reachable(args.model)
     return timm.create_model(args.model, pretrained=args.pretrained, **kwargs), {}
 
 

@@ -424,6 +424,25 @@ def test_a_folder_without_checkpoints_does_not_block_the_next_run(tmp_path: Path
     assert state.load_state(str(tmp_path / "out" / "x" / "last.pth.tar"))["epoch"] == 0
 
 
+@pytest.mark.parametrize("script", ["train.py", "validate.py"])
+@pytest.mark.parametrize("offline, message", [
+    ({"HF_HUB_OFFLINE": "1"}, r"are not in the Hugging Face cache .* and HF_HUB_OFFLINE is set"),
+    ({"HF_ENDPOINT": "http://127.0.0.1:9"}, r"are not cached and 127.0.0.1:9 cannot be reached"),  # refused at once
+])
+def test_offline_pretrained_fails_fast(tmp_path: Path, script: str, offline: dict, message: str):
+    """No network: weights surely not cached (an empty HF_HOME and torch hub dir) end with one line in seconds."""
+    argv = ["--model", "resnet18", "--pretrained", *(["--dataset", "digits", "--epochs", "1", "--output",
+                                                       str(tmp_path / "out")] if script == "train.py" else [])]
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env=subprocess_env(HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "t"),
+                                                          **offline))
+    assert proc.returncode == 1 and time.monotonic() - start < 60, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --pretrained resnet18: its weights") and re.search(message, last), last
+    assert "Traceback" not in proc.stderr and "Retrying" not in proc.stderr and not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- export, round trips, Ctrl-C
 
 EXPORT = [sys.executable, "-m", "we_timm.export"]
