@@ -167,7 +167,10 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     resolve_lr(args, acc.num_processes)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    try:
+        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    except (TypeError, AssertionError) as e:
+        raise ValueError(f"cannot create optimizer {args.opt} (--opt, --opt-kwargs): {errors.one_line(e)}") from None
     updates = -(-len(loader_train) // args.grad_accum_steps)
     scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates)
     we_config = we_config_from_args(args)

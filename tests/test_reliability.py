@@ -192,6 +192,13 @@ def _new_train_case(tmp: Path, case: str) -> tuple[list[str], str]:
         "experiment_escape": (["--experiment", "../x"], r"--experiment '../x' must be a plain folder name"),
         "experiment_nested": (["--experiment", "a/b"], r"--experiment 'a/b' must be a plain folder name"),
         "experiment_dot": (["--experiment", "."], r"must be a plain folder name"),
+        "output_is_a_file": (["--experiment", "e"], r"--output .*out is not a directory"),  # out: see the test
+        "val_split_is_train": (["--dataset", "digits", "--val-split", "train"], r"name the same split: .*validate on the training"),
+        "aa_unknown": (["--dataset", "digits", "--aa", "garbage"], r"cannot build the data transforms .*Unknown AA policy garbage"),
+        "interpolation_unknown": (["--interpolation", "cubic"], r"argument --interpolation: invalid choice: 'cubic'"),
+        "opt_kwargs_unknown": (["--dataset", "digits", "--opt-kwargs", "foo=1"], r"cannot create optimizer sgd .*'foo'"),
+        "clip_grad_negative": (["--clip-grad", "-1"], r"--clip-grad must be > 0"),
+        "cooldown_negative": (["--cooldown-epochs", "-1"], r"--cooldown-epochs must be >= 0"),
     }
     if case in simple:
         return simple[case]
@@ -214,7 +221,9 @@ TRAIN_CASES = ["yaml_wrong_type", "yaml_not_mapping", "yaml_syntax", "yaml_missi
                "train_num_samples_0", "num_classes_0", "vb_0", "drop_path_1", "mixup_prob_2", "scale_three_values",
                "crop_pct_0", "we_rate_norm_flag_named", "amp_fp16_on_cpu",
                # folders in the way, escapes
-               "experiment_taken", "experiment_escape", "experiment_nested", "experiment_dot"]
+               "experiment_taken", "experiment_escape", "experiment_nested", "experiment_dot", "output_is_a_file",
+               "val_split_is_train", "aa_unknown", "interpolation_unknown", "opt_kwargs_unknown", "clip_grad_negative",
+               "cooldown_negative"]
 
 
 def _previous_run(tmp: Path) -> Path:
@@ -235,7 +244,9 @@ def _snapshot(tmp: Path) -> dict[str, bytes]:
 def test_train_bad_input_one_line_error(tmp_path: Path, capsys, case: str):
     if case == "amp_fp16_on_cpu" and torch.cuda.is_available():
         pytest.skip("float16 autocast is refused on CPU only")
-    if not case.startswith("resume_auto"):
+    if case == "output_is_a_file":
+        (tmp_path / "out").write_text("not a folder")
+    elif not case.startswith("resume_auto"):
         _previous_run(tmp_path)
     argv, pattern = _train_case(tmp_path, case)
     before = _snapshot(tmp_path)

@@ -22,11 +22,13 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from torch import nn
 
 from ..config import LAYER_KINDS, LEVELS, MATCHINGS, SELECTIONS, VARIANTS, WEConfig
-from .data import DEFAULT_MAX_BAD_IMAGES
+from .data import DEFAULT_MAX_BAD_IMAGES, TRAIN_SPLITS
 from .errors import UsageError, one_line
 from .state import resolve_resume, saved_args
 
 _logger = logging.getLogger(__name__)
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's str_to_interp_mode
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -104,7 +106,7 @@ def _model_args(parser):
     g.add_argument("--crop-pct", default=None, type=float, metavar="N", help="center crop percent for validation")
     g.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN", help="override dataset mean")
     g.add_argument("--std", type=float, nargs="+", default=None, metavar="STD", help="override dataset std")
-    g.add_argument("--interpolation", default="", type=str, metavar="NAME",
+    g.add_argument("--interpolation", default="", type=str, metavar="NAME", choices=("", *INTERPOLATIONS),
                    help="image resize interpolation (overrides model)")
     g.add_argument("-b", "--batch-size", type=int, default=128, metavar="N",
                    help="training batch size per process (default: 128)")
@@ -151,7 +153,7 @@ def _sched_args(parser):
                    help="base LR: lr = lr_base * global_batch_size / lr_base_size")
     g.add_argument("--lr-base-size", type=int, default=256, metavar="DIV",
                    help="base learning rate batch size (default: 256)")
-    g.add_argument("--lr-base-scale", type=str, default="", metavar="SCALE",
+    g.add_argument("--lr-base-scale", type=str, default="", metavar="SCALE", choices=("", "linear", "sqrt"),
                    help='"linear" or "sqrt" (default: by optimizer)')
     g.add_argument("--warmup-lr", type=float, default=1e-5, metavar="LR", help="warmup learning rate (default: 1e-5)")
     g.add_argument("--min-lr", type=float, default=0, metavar="LR",
@@ -185,7 +187,7 @@ def _aug_args(parser):
     g.add_argument("--aa", type=str, default=None, metavar="NAME",
                    help='AutoAugment policy, e.g. "rand-m9-mstd0.5" (default: None)')
     g.add_argument("--reprob", type=float, default=0.0, metavar="PCT", help="random erase probability (default: 0)")
-    g.add_argument("--remode", type=str, default="pixel", help='random erase mode (default: "pixel")')
+    g.add_argument("--remode", type=str, default="pixel", choices=("pixel", "rand", "const"), help='random erase mode (default: "pixel")')
     g.add_argument("--recount", type=int, default=1, help="random erase count (default: 1)")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, enabled if > 0")
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, enabled if > 0")
@@ -194,13 +196,13 @@ def _aug_args(parser):
     g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
     g.add_argument("--mixup-switch-prob", type=float, default=0.5,
                    help="probability of cutmix instead of mixup when both on")
-    g.add_argument("--mixup-mode", type=str, default="batch", help='"batch", "pair" or "elem"')
+    g.add_argument("--mixup-mode", type=str, default="batch", choices=("batch", "pair", "elem"), help='"batch", "pair" or "elem"')
     g.add_argument("--mixup-off-epoch", default=0, type=int, metavar="N",
                    help="turn off mixup after this epoch (0: never)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
     g.add_argument("--bce-loss", action="store_true", default=False, help="binary cross-entropy loss")
     g.add_argument("--bce-target-thresh", type=float, default=None, help="threshold for binarizing soft BCE targets")
-    g.add_argument("--train-interpolation", type=str, default="random",
+    g.add_argument("--train-interpolation", type=str, default="random", choices=("", "random", *INTERPOLATIONS),
                    help='training interpolation (default: "random")')
     g.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout rate (default: 0)")
     g.add_argument("--drop-path", type=float, default=None, metavar="PCT", help="drop path rate (default: None)")
@@ -252,7 +254,7 @@ def add_we_args(parser: argparse.ArgumentParser) -> None:
 def _misc_args(parser):
     g = parser.add_argument_group("Miscellaneous parameters")
     g.add_argument("--seed", type=int, default=42, metavar="S", help="random seed (default: 42)")
-    g.add_argument("--worker-seeding", type=str, default="all", help="worker seed mode (default: all)")
+    g.add_argument("--worker-seeding", type=str, default="all", choices=("all", "part"), help="worker seed mode (default: all)")
     g.add_argument("--log-interval", type=int, default=50, metavar="N", help="updates between training log lines")
     g.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
                    help="number of best checkpoints to keep (default: 10)")
@@ -361,6 +363,14 @@ def value_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
         _at_least(args.max_bad_images, 0, "--max-bad-images"),
         _at_least(args.warmup_epochs, 0, "--warmup-epochs"),
         _at_least(args.lr, 0, "--lr"),
+        _at_least(args.cooldown_epochs, 0, "--cooldown-epochs"),
+        (args.clip_grad is None or args.clip_grad > 0, f"--clip-grad must be > 0, got {args.clip_grad}"),
+        (args.decay_rate > 0, f"--decay-rate must be > 0, got {args.decay_rate}"),
+        (not args.output or not os.path.exists(args.output) or os.path.isdir(args.output),
+         f"--output {args.output} is not a directory"),
+        (len({args.train_split.lower(), args.val_split.lower()} - set(TRAIN_SPLITS[1:])) == 2,
+         f"--train-split {args.train_split} and --val-split {args.val_split} name the same split: train.py would "
+         "validate on the training images"),
         (chans == 3, f"--in-chans/--input-size give {chans} channel(s), but the data are loaded as RGB images "
                      "(3 channels)"),
         _n_values(args.mean, (1, chans), "--mean"),

@@ -387,6 +387,17 @@ def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: A
     interpolation = args.train_interpolation
     if args.no_aug or not interpolation:
         interpolation = data_config["interpolation"]
+    try:
+        return _create_loaders(args, data_config, train_set, val_set, interpolation, common)
+    except (AssertionError, KeyError, ValueError, TypeError) as e:  # timm's transforms reject the value deep down
+        raise DataError(f"cannot build the data transforms (--aa, --interpolation, --scale, --ratio, ...): "
+                        f"{one_line(e) or type(e).__name__}") from None
+
+
+def _create_loaders(args: Any, data_config: dict, train_set: Any, val_set: Any, interpolation: str,
+                    common: dict) -> tuple[Any, Any]:
+    from timm.data import create_loader
+
     loader_train = create_loader(
         train_set, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
         re_mode=args.remode, re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
