@@ -25,6 +25,7 @@ import validate
 from test_train import DIGITS, ROOT, TINY, _free_port, digits_run, make_image_folder, no_time, read_csv, run_train, subprocess_env  # noqa: F401  (digits_run: fixture)
 from test_validate import _args, _model, image_dir, run_dir  # noqa: F401  (fixtures)
 from we_timm.recipes import args as train_args
+from we_timm.recipes import export
 from we_timm.recipes import errors as we_cli
 from we_timm.recipes import state
 from we_timm.recipes.checkpoint import atomic_save, load_weights, save_safetensors
@@ -491,8 +492,7 @@ def test_every_file_train_writes_reads_back_without_flags(tmp_path: Path):
     for name in written:
         results[name] = validate.main(_args("--checkpoint", str(run / name), "--num-samples", "64"))
         out = tmp_path / "export" / name
-        assert subprocess.run([*EXPORT, "--checkpoint", str(run / name), "--output-dir", str(out)], capture_output=True,
-                              env=subprocess_env(), timeout=120).returncode == 0, name
+        export.main(export.get_args_parser().parse_args(["--checkpoint", str(run / name), "--output-dir", str(out)]))
         exported, _ = load_weights(out / "model.safetensors")
         weights, _ = load_weights(run / name)
         assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights), name

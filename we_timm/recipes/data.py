@@ -88,16 +88,11 @@ class DigitsDataset(torch.utils.data.Dataset):
         return img, target
 
 
-class HeadSubset(torch.utils.data.Dataset):
-    """The first `num_samples` items of a map-style dataset.
+class DatasetView(torch.utils.data.Dataset):
+    """A map-style dataset over `self.dataset`; unlike `torch.utils.data.Subset`, setting `.transform` (as
+    timm's `create_loader` does) reaches the wrapped dataset."""
 
-    Unlike `torch.utils.data.Subset`, setting `.transform` (as timm's
-    `create_loader` does) reaches the wrapped dataset.
-    """
-
-    def __init__(self, dataset: torch.utils.data.Dataset, num_samples: int):
-        self.dataset = dataset
-        self.num_samples = min(int(num_samples), len(dataset))
+    dataset: Any
 
     @property
     def transform(self) -> Callable | None:
@@ -106,6 +101,14 @@ class HeadSubset(torch.utils.data.Dataset):
     @transform.setter
     def transform(self, value: Callable | None) -> None:
         self.dataset.transform = value
+
+
+class HeadSubset(DatasetView):
+    """The first `num_samples` items of a map-style dataset."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, num_samples: int):
+        self.dataset = dataset
+        self.num_samples = min(int(num_samples), len(dataset))
 
     def __len__(self) -> int:
         return self.num_samples
@@ -133,7 +136,7 @@ class _SkippedSamples(logging.Filter):
 _SKIPPED = _SkippedSamples()
 
 
-class BadImageCounter(torch.utils.data.Dataset):
+class BadImageCounter(DatasetView):
     """A map-style dataset whose unreadable images (skipped by timm) are named with their path and counted
     across DataLoader workers; more than `limit` in one epoch raises DataReadError."""
 
@@ -142,14 +145,6 @@ class BadImageCounter(torch.utils.data.Dataset):
 
         self.dataset, self.what, self.limit = dataset, what, limit
         self.count = multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Value("i", 0)
-
-    @property
-    def transform(self) -> Callable | None:
-        return getattr(self.dataset, "transform", None)
-
-    @transform.setter
-    def transform(self, value: Callable | None) -> None:
-        self.dataset.transform = value
 
     def __len__(self) -> int:
         return len(self.dataset)
