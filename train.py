@@ -43,7 +43,8 @@ from we_timm.recipes import errors, files, state
 from we_timm.recipes.args import get_args_parser, mixup_active, parse_args, we_config_from_args  # noqa: F401
 from we_timm.recipes.checkpoint import check_pretrained_reachable, load_into_model, load_weights
 from we_timm.recipes.data import build_train_loaders, load_train_data, report_bad_images
-from we_timm.recipes.engine import Trainer, evaluate, evolve, mixed_precision, seed_epoch, train_one_epoch
+from we_timm.recipes.engine import (Trainer, check_precision, evaluate, evolve, mixed_precision, seed_epoch,
+                                    train_one_epoch)
 
 _logger = logging.getLogger("train")
 
@@ -129,9 +130,7 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
         )
     except (ValueError, RuntimeError) as e:
         raise ValueError(f"cannot set up Accelerate: {errors.one_line(e)}") from None
-    if acc.mixed_precision == "fp16" and acc.device.type == "cpu":  # Accelerate would silently run fp32
-        raise ValueError("mixed precision float16 (--amp --amp-dtype float16, or the accelerate config) needs a GPU; "
-                         "on CPU use --amp-dtype bfloat16, or leave out --amp")
+    check_precision(acc)
     return acc
 
 

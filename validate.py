@@ -35,7 +35,7 @@ from we_timm.recipes import errors, files
 from we_timm.recipes.args import ArgumentParser
 from we_timm.recipes.checkpoint import check_pretrained_reachable, create_model_from_checkpoint, model_name
 from we_timm.recipes.data import eval_dataset
-from we_timm.recipes.engine import evaluate, mixed_precision
+from we_timm.recipes.engine import check_precision, evaluate, mixed_precision
 from we_timm.recipes.errors import CheckpointError, DataError
 
 _logger = logging.getLogger("validate")
@@ -163,7 +163,9 @@ def write_results(results: dict[str, Any], path: str, fmt: str) -> None:
 
 
 def _accelerator(args: argparse.Namespace) -> Accelerator:
-    return Accelerator(mixed_precision=mixed_precision(args.amp, args.amp_dtype) or "no", cpu=args.cpu)
+    accelerator = Accelerator(mixed_precision=mixed_precision(args.amp, args.amp_dtype) or "no", cpu=args.cpu)
+    check_precision(accelerator)
+    return accelerator
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -388,6 +388,8 @@ def _validate_case(tmp: Path, run: Path, images: Path, case: str) -> tuple[list[
             (tmp / "bad" / "validation" / f"c{c}").mkdir(parents=True)
             (tmp / "bad" / "validation" / f"c{c}" / "0.png").write_bytes(b"not a png")
         return ["--checkpoint", good, "--data-dir", str(tmp / "bad")], "cannot read split .validation.*c0/0.png"
+    if case == "amp_fp16_on_cpu":
+        return ["--checkpoint", good, *data, "--amp", "--amp-dtype", "float16", "--cpu"], r"float16 .*needs a GPU"
     if case == "img_size_negative":
         return ["--checkpoint", good, *data, "--img-size", "-1"], r"--img-size must be >= 1, got -1"
     if case == "num_samples_0":
@@ -409,7 +411,7 @@ def _validate_case(tmp: Path, run: Path, images: Path, case: str) -> tuple[list[
 
 VALIDATE_CASES = ["truncated_train_state", "empty_file", "checkpoint_is_dir", "unknown_model", "batch_size_0",
                   "all_images_unreadable", "img_size_negative", "num_samples_0", "results_file_missing_folder",
-                  "results_file_is_dir", "no_split_folder", "images_directly_in_split"]
+                  "results_file_is_dir", "no_split_folder", "images_directly_in_split", "amp_fp16_on_cpu"]
 
 
 @pytest.mark.parametrize("case", VALIDATE_CASES)
