@@ -42,10 +42,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from we_timm import WeightEvolution
 from we_timm.recipes import errors, files, inspect, state
 from we_timm.recipes.args import get_args_parser, mixup_active, parse_args, we_config_from_args  # noqa: F401
-from we_timm.recipes.checkpoint import load_into_model, load_weights
-from we_timm.recipes.data import DeviceInputs, build_train_loaders, load_train_data, prepare_loader
-from we_timm.recipes.engine import (Trainer, bind_evolution, check_backend, evaluate, evolve, mixed_precision,
-                                    train_one_epoch)
+from we_timm.recipes.checkpoint import check_pretrained_reachable, load_into_model, load_weights
+from we_timm.recipes.data import DeviceInputs, build_train_loaders, load_train_data, prepare_loader, report_bad_images
+from we_timm.recipes.engine import (Trainer, bind_evolution, check_backend, check_precision, evaluate, evolve,
+                                    mixed_precision, train_one_epoch)
 
 _logger = logging.getLogger("train")
 
@@ -68,6 +68,8 @@ def build_model(args: argparse.Namespace, num_classes: int | None) -> tuple[nn.M
     if args.pretrained_path:  # timm's --pretrained-path: a local file as the pretrained weights, head re-initialised
         factory["pretrained_cfg_overlay"] = dict(file=args.pretrained_path, num_classes=-1)
     pretrained = args.pretrained or bool(args.pretrained_path)
+    if args.pretrained and not args.pretrained_path:
+        check_pretrained_reachable(args.model)
     if args.fast_norm:
         set_fast_norm()
     size = args.input_size[1:] if args.input_size else args.img_size
@@ -126,7 +128,7 @@ def build_loss(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, M
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
     """Accelerate: `--amp` overrides the accelerate config's mixed precision; shuffles seeded by (seed, epoch)."""
     try:
-        return Accelerator(
+        acc = Accelerator(
             mixed_precision=mixed_precision(args.amp, args.amp_dtype),
             gradient_accumulation_steps=args.grad_accum_steps,
             log_with="tensorboard" if args.log_tensorboard else None,
@@ -138,6 +140,8 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
         )
     except (ValueError, RuntimeError) as e:
         raise ValueError(f"cannot set up Accelerate: {errors.one_line(e)}") from None
+    check_precision(acc)
+    return acc
 
 
 def resolve_lr(args: argparse.Namespace, world_size: int) -> None:
@@ -176,7 +180,10 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     resolve_lr(args, acc.num_processes)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    try:
+        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    except (TypeError, AssertionError) as e:
+        raise ValueError(f"cannot create optimizer {args.opt} (--opt, --opt-kwargs): {errors.one_line(e)}") from None
     updates = -(-len(loader_train) // args.grad_accum_steps)
     scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates)
     we_config = we_config_from_args(args)
@@ -214,8 +221,7 @@ def make_output_dir(t: Trainer) -> None:
     size = t.meta["data_config"]["input_size"][-1]
     name = args.experiment or f"{datetime.now():%Y%m%d-%H%M%S}-{safe_model_name(args.model)}-{size}"
     out_dir = os.path.join(args.output or "./output/train", name)
-    if os.path.exists(os.path.join(out_dir, "args.yaml")) and not args.resume:
-        raise ValueError(f"{out_dir} already holds a run; pass a new --experiment, or --resume {out_dir}")
+    state.check_run_folder_free(out_dir, args.resume)
     os.makedirs(out_dir, exist_ok=True)
     for tmp in files.remove_stale_temps(out_dir):
         _logger.warning(f"removed {tmp}, a partial file left by an interrupted checkpoint write")
@@ -246,6 +252,9 @@ def start(t: Trainer, resumed: dict[str, Any] | None) -> int:
     args, acc = t.args, t.accelerator
     start_epoch = state.restore_state(t, resumed) if resumed is not None else 0
     make_output_dir(t)
+    if resumed is not None and t.out_dir is not None:  # a kill mid-save: links and evictions it did not make
+        for path in t.keeper.reconcile(start_epoch - 1):
+            _logger.warning(f"repaired {path}: the checkpoint save of epoch {start_epoch - 1} was interrupted")
     t.model, t.optimizer = acc.prepare(t.model, t.optimizer)
     t.we = bind_evolution(acc, t.model, t.we)  # WE edits the parameters that train (FSDP shards them in prepare)
     if resumed is not None and acc.scaler is not None and resumed.get("scaler") is not None:
@@ -279,10 +288,11 @@ def run_epochs(t: Trainer, start_epoch: int) -> None:
                 if model is not None:
                     utils.distribute_bn(model, acc.num_processes, args.dist_bn == "reduce")
         models = {"model": t.model} if t.model_ema is None else {"model": t.model, "ema": t.model_ema.module}
-        dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+        dtype = getattr(torch, args.model_dtype) if args.model_dtype else None  # loss, top1, top5 of model and EMA
         metrics = {kind: evaluate(model, t.loader_eval, acc, channels_last=args.channels_last, progress=False,
-                                  dtype=dtype, inputs_fn=t.eval_inputs) for kind, model in models.items()}  # loss, top1, top5 (and num_samples) of the model and EMA
+                                  dtype=dtype, inputs_fn=t.eval_inputs) for kind, model in models.items()}
         eval_metrics = metrics["ema" if t.model_ema is not None else "model"]  # timm: EMA's metrics when enabled
+        report_bad_images(epoch, t.loader_train.dataset, t.loader_eval.dataset)
         lrs = [g["lr"] for g in t.optimizer.param_groups]
         t.history.append(OrderedDict(
             epoch=epoch, **{f"train_{k}": v for k, v in train_metrics.items()},
@@ -326,6 +336,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def fit(args: argparse.Namespace, acc: Accelerator) -> dict[str, Any]:
     """Everything after the Accelerator: set up, restore, train the epochs, write the final files."""
+    if args.experiment:  # before the data are read; make_output_dir checks it again for a generated name
+        state.check_run_folder_free(os.path.join(args.output or "./output/train", args.experiment), args.resume)
     t, resumed = setup(args, acc)
     start_epoch = start(t, resumed)
     params = sum(p.numel() for p in t.raw_model.parameters()) / 1e6
@@ -334,11 +346,8 @@ def fit(args: argparse.Namespace, acc: Accelerator) -> dict[str, Any]:
                  f"WE {t.we.config if t.we else 'off'}, output {t.out_dir}")
     if start_epoch >= t.num_epochs:
         _logger.warning(f"the run already completed its {t.num_epochs} epochs; pass a larger --epochs to train longer")
-    try:
-        with logging_redirect_tqdm():
-            run_epochs(t, start_epoch)
-    except KeyboardInterrupt:
-        _logger.warning("interrupted")
+    with logging_redirect_tqdm():  # Ctrl-C ends it: `errors.run` exits 130; summary.csv is as of the last epoch
+        run_epochs(t, start_epoch)
     write_run_files(t, plot=True)
     if t.keeper.best is not None and t.out_dir is not None:
         _logger.info(f"*** Best metric: {t.keeper.best[0]} (epoch {t.keeper.best[1]})")

@@ -37,9 +37,10 @@ from timm.utils import reparameterize_model
 from we_timm.recipes import errors, files
 from we_timm.recipes.args import DEFAULT_EVAL_BATCH_SIZE
 from we_timm.recipes.args import get_validate_parser as get_args_parser
-from we_timm.recipes.checkpoint import checkpoint_files, create_model_from_checkpoint, local_models, model_name
+from we_timm.recipes.checkpoint import (check_pretrained_reachable, checkpoint_files, create_model_from_checkpoint,
+                                        local_models, model_name)
 from we_timm.recipes.data import DeviceInputs, eval_dataset, prepare_loader
-from we_timm.recipes.engine import evaluate, mixed_precision
+from we_timm.recipes.engine import check_precision, evaluate, mixed_precision
 from we_timm.recipes.errors import CheckpointError, DataError
 
 _logger = logging.getLogger("validate")
@@ -65,6 +66,8 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, An
     if not timm.is_model(args.model):
         raise CheckpointError(f"unknown timm architecture {args.model!r}")
     kwargs = {**args.model_kwargs, **({} if args.num_classes is None else {"num_classes": args.num_classes})}
+    if args.pretrained:
+        check_pretrained_reachable(args.model)
     return timm.create_model(args.model, pretrained=args.pretrained, **kwargs), {}
 
 
@@ -117,7 +120,24 @@ def build_dataset(args: argparse.Namespace, transform, metadata: dict[str, Any])
 
 
 def _accelerator(args: argparse.Namespace) -> Accelerator:
-    return Accelerator(mixed_precision=mixed_precision(args.amp, args.amp_dtype) or "no", cpu=args.cpu)
+    accelerator = Accelerator(mixed_precision=mixed_precision(args.amp, args.amp_dtype) or "no", cpu=args.cpu)
+    check_precision(accelerator)
+    return accelerator
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Values checked before any work, and --results-file writable before the evaluation (not after it)."""
+    for flag, value in (("--img-size", args.img_size), ("--num-classes", args.num_classes),
+                        ("--num-samples", args.num_samples), ("--batch-size", args.batch_size),
+                        ("--input-size", min(args.input_size) if args.input_size else None)):
+        if value is not None and value < 1:
+            raise DataError(f"{flag} must be >= 1, got {value}")
+    if args.workers < 0:
+        raise DataError(f"--workers must be >= 0, got {args.workers}")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise DataError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if args.results_file:
+        files.check_writable(args.results_file, "--results-file")
 
 
 def validate(args: argparse.Namespace, accelerator: Accelerator | None = None) -> dict[str, Any]:
@@ -213,6 +233,7 @@ def _validate(args: argparse.Namespace, model: torch.nn.Module, metadata: dict[s
 def main(args: argparse.Namespace) -> dict[str, Any] | list[dict[str, Any]]:
     """Run `validate(args)` (or `validate_bulk`); bad inputs become `SystemExit("error: <one line>")` unless --debug."""
     with errors.one_line_errors(args.debug):
+        check_args(args)
         jobs = bulk_jobs(args)
         return validate(args) if jobs is None else validate_bulk(args, jobs)
 

@@ -7,6 +7,9 @@ ACTION `kill` sends SIGKILL to this process at POINT of epoch EPOCH (every rank,
     eval         after the first validation batch
     checkpoint   half-way through writing last.pth.tar (last.safetensors already replaced, a partial temp file left)
     we           right after the weight-evolution step changed the parameters in memory
+    save@K       before the K-th file operation (0-based) of the epoch's checkpoint save: each weights / state
+                 write, link (checkpoint-N.*, model_best.*) and removal of an evicted file; not killed if the save
+                 has K operations or fewer (the run then completes)
 ACTION `stop` sends SIGSTOP instead: the process stalls without dying, as a hung rank does; `term` sends SIGTERM.
 ACTION `nan` makes the loss NaN from the 2nd training batch of EPOCH on (POINT must be `train`).
 ACTION `nanweight` writes a NaN into the model's first parameter after the last update of EPOCH (POINT `train`):
@@ -25,7 +28,7 @@ import train
 from we_timm.evolution import WeightEvolution
 from we_timm.recipes import engine, files, state
 
-POINTS = ("train", "eval", "checkpoint", "we")
+POINTS = ("train", "eval", "checkpoint", "we", "save")
 ACTION = "kill"
 
 
@@ -42,6 +45,7 @@ def install(spec: str) -> None:
     global ACTION
     action, point, epoch, *rank = spec.split(":")
     epoch, ACTION = int(epoch), action
+    point, _, save_op = point.partition("@")
     assert action in ("kill", "stop", "term", "nan", "nanweight") and point in POINTS, spec
     assert action not in ("nan", "nanweight") or point == "train", spec
     if rank and int(os.environ.get("RANK", "0")) != int(rank[0]):
@@ -121,6 +125,20 @@ def install(spec: str) -> None:
             atomic_save(obj, path)
 
         state.atomic_save = partial_save
+    elif point == "save":  # the CheckpointKeeper's file operations, as state.py calls them
+        ops = {"n": 0}
+
+        def counted(operation):
+            def op(*a, **k):
+                if now["epoch"] == epoch:
+                    if ops["n"] == int(save_op):
+                        _die()
+                    ops["n"] += 1
+                return operation(*a, **k)
+            return op
+
+        for name in ("save_safetensors", "atomic_save", "link_or_copy", "remove"):
+            setattr(state, name, counted(getattr(state, name)))
     else:  # we
         step = WeightEvolution.step
 

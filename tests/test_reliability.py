@@ -25,6 +25,7 @@ import validate
 from test_train import DIGITS, ROOT, TINY, _free_port, digits_run, make_image_folder, no_time, read_csv, run_train, subprocess_env  # noqa: F401  (digits_run: fixture)
 from test_validate import _args, _model, image_dir, run_dir  # noqa: F401  (fixtures)
 from we_timm.recipes import args as train_args
+from we_timm.recipes import export
 from we_timm.recipes import errors as we_cli
 from we_timm.recipes import state
 from we_timm.recipes.checkpoint import atomic_save, load_weights, save_safetensors
@@ -63,7 +64,7 @@ def _train_case(tmp: Path, case: str) -> tuple[list[str], str]:
     if case == "yaml_missing":
         return ["-c", str(tmp / "nope.yaml")], "cannot read config"
     if case == "we_rate_2":
-        return ["--weight-evolution", "--we-rate", "2"], "rate"
+        return ["--weight-evolution", "--we-rate", "2"], "^error: --we-rate must be"
     if case == "we_beta_half":
         return ["--weight-evolution", "--we-beta", "0.5"], "beta"
     if case == "we_eta_0":
@@ -121,6 +122,87 @@ def _train_case(tmp: Path, case: str) -> tuple[list[str], str]:
         return ["--dist-timeout", "0"], "--dist-timeout must be > 0"
     if case == "initial_checkpoint_text":
         return ["--initial-checkpoint", _write(tmp / "w.pth", "not weights\n")], "w.pth"
+    return _new_train_case(tmp, case)
+
+
+def _move(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dst)
+
+
+def _new_train_case(tmp: Path, case: str) -> tuple[list[str], str]:
+    """Issue 12: silent wrong data, tracebacks, ignored values, folders in the way, escapes."""
+    if case.startswith(("folder_", "class_map_", "num_classes_below")):
+        data = Path(_data(tmp, train=4, val=2))
+        if case == "folder_no_validation":  # timm would validate on the training images
+            shutil.rmtree(data / "validation")
+            return ["--data-dir", str(data)], r"no 'validation' split folder .*--val-split NAME"
+        if case == "folder_class_names_differ":  # same count, other names: silently mismatched labels
+            _move(data / "validation" / "class2", data / "validation" / "cat")
+            return ["--data-dir", str(data)], r"class folders of splits 'train' and 'validation' differ: only in 'train': class2; only in 'validation': cat"
+        if case == "folder_val_subset":
+            shutil.rmtree(data / "validation" / "class2")
+            return ["--data-dir", str(data)], r"only in 'train': class2 \(a validation split with fewer classes needs --class-map"
+        if case == "folder_images_in_split":  # no class subfolders: a 1-class problem at 100 %
+            for f in list((data / "train").rglob("*.png")):
+                _move(f, data / "train" / f"{f.parent.name}_{f.name}")
+            for c in (data / "train").iterdir():
+                if c.is_dir():
+                    c.rmdir()
+            return ["--data-dir", str(data)], r"image\(s\) sit directly in the split folder .*train"
+        if case == "folder_loose_image_in_val":
+            shutil.copy(data / "validation" / "class0" / "0.png", data / "validation" / "stray.png")
+            return ["--data-dir", str(data)], r"1 image\(s\) sit directly in the split folder .*validation \(e.g. stray.png\)"
+        if case == "folder_is_a_split":  # --data-dir pointed at train/ itself
+            return ["--data-dir", str(data / "train")], r"has no 'train' split folder"
+        if case == "folder_val_split_misspelt":
+            return ["--data-dir", str(data), "--val-split", "vaildation"], r"no 'vaildation' split folder"
+        if case == "class_map_extra_class":  # a class with no folder: an empty class
+            return ["--data-dir", str(data), "--class-map", _write(tmp / "m.txt", "class0\nclass1\nclass2\nclass3\n")], \
+                r"does not match .*named in the map but without a folder class3"
+        if case == "class_map_missing_class":  # a folder not in the map: its images silently dropped
+            return ["--data-dir", str(data), "--class-map", _write(tmp / "m.txt", "class0\nclass1\n")], \
+                r"folders not in the map \(their images would be dropped\) class2"
+        if case == "class_map_bad_extension":
+            return ["--data-dir", str(data), "--class-map", _write(tmp / "m.json", "{}")], r"--class-map .*cannot be read"
+        if case == "num_classes_below_data":
+            return ["--data-dir", str(data), "--num-classes", "2"], r"--num-classes 2 is less than the 3 classes"
+    if case == "experiment_taken":  # the pre-existing run (see the test) is never touched
+        return ["--experiment", "prev"], r"already holds a run .*--resume"
+    simple = {
+        "yaml_null_value": (["-c", _write(tmp / "null.yaml", "epochs: null\n")], r"epochs: null is not a value"),
+        "yaml_null_flag": (["-c", _write(tmp / "flag.yaml", "model_ema: null\n")], r"model_ema: null is not a value"),
+        "yaml_duplicate_key": (["-c", _write(tmp / "dup.yaml", "epochs: 2\nlr: 0.1\nepochs: 3\n")], r"duplicate key 'epochs'"),
+        "mean_wrong_length": (["--mean", "0.5", "0.5"], r"--mean takes 1 or 3 value"),
+        "std_wrong_length": (["--std", "0.2", "0.2", "0.2", "0.2"], r"--std takes 1 or 3 value"),
+        "std_zero": (["--std", "0"], r"--std must be > 0"),
+        "smoothing_1": (["--smoothing", "1"], r"--smoothing must be in \[0, 1\)"),
+        "smoothing_negative": (["--smoothing", "-0.1"], r"--smoothing"),
+        "in_chans_1": (["--in-chans", "1"], r"--in-chans/--input-size give 1 channel.*RGB"),
+        "input_size_zero": (["--input-size", "3", "0", "32"], r"--input-size must be >= 1"),
+        "img_size_0": (["--img-size", "0"], r"--img-size must be >= 1"),
+        "train_num_samples_0": (["--train-num-samples", "0"], r"--train-num-samples must be >= 1"),
+        "num_classes_0": (["--num-classes", "0"], r"--num-classes must be >= 1"),
+        "vb_0": (["-vb", "0"], r"--validation-batch-size \(-vb\) must be >= 1"),
+        "drop_path_1": (["--drop-path", "1"], r"--drop-path must be in \[0, 1\)"),
+        "mixup_prob_2": (["--mixup", "0.2", "--mixup-prob", "2"], r"--mixup-prob must be in \[0, 1\]"),
+        "scale_three_values": (["--scale", "0.1", "0.5", "1"], r"--scale takes 2 value"),
+        "crop_pct_0": (["--crop-pct", "0"], r"--crop-pct must be > 0"),
+        "we_rate_norm_flag_named": (["--weight-evolution", "--we-rate-norm", "1.5"], r"^error: --we-rate-norm must be"),
+        "amp_fp16_on_cpu": (["--amp", "--amp-dtype", "float16"], r"float16 .*needs a GPU"),
+        "experiment_escape": (["--experiment", "../x"], r"--experiment '../x' must be a plain folder name"),
+        "experiment_nested": (["--experiment", "a/b"], r"--experiment 'a/b' must be a plain folder name"),
+        "experiment_dot": (["--experiment", "."], r"must be a plain folder name"),
+        "output_is_a_file": (["--experiment", "e"], r"--output .*out is not a directory"),  # out: see the test
+        "val_split_is_train": (["--dataset", "digits", "--val-split", "train"], r"name the same split: .*validate on the training"),
+        "aa_unknown": (["--dataset", "digits", "--aa", "garbage"], r"cannot build the data transforms .*Unknown AA policy garbage"),
+        "interpolation_unknown": (["--interpolation", "cubic"], r"argument --interpolation: invalid choice: 'cubic'"),
+        "opt_kwargs_unknown": (["--dataset", "digits", "--opt-kwargs", "foo=1"], r"cannot create optimizer sgd .*'foo'"),
+        "clip_grad_negative": (["--clip-grad", "-1"], r"--clip-grad must be > 0"),
+        "cooldown_negative": (["--cooldown-epochs", "-1"], r"--cooldown-epochs must be >= 0"),
+    }
+    if case in simple:
+        return simple[case]
     raise AssertionError(case)
 
 
@@ -129,20 +211,53 @@ TRAIN_CASES = ["yaml_wrong_type", "yaml_not_mapping", "yaml_syntax", "yaml_missi
                "dataset_without_dir", "data_dir_is_file", "class_map_missing", "batch_larger_than_dataset",
                "empty_train_split", "resume_text_file", "resume_foreign_pickle", "resume_safetensors",
                "resume_other_model", "resume_truncated", "initial_checkpoint_text", "resume_auto_without_experiment",
-               "resume_folder_without_state", "resume_auto_unreadable_states", "dist_timeout_0"]
+               "resume_folder_without_state", "resume_auto_unreadable_states", "dist_timeout_0",
+               # issue 12: silent wrong data
+               "folder_no_validation", "folder_class_names_differ", "folder_val_subset", "folder_images_in_split",
+               "folder_loose_image_in_val", "folder_is_a_split", "folder_val_split_misspelt", "class_map_extra_class",
+               "class_map_missing_class", "class_map_bad_extension", "num_classes_below_data",
+               # tracebacks before, values silently ignored before
+               "yaml_null_value", "yaml_null_flag", "yaml_duplicate_key", "mean_wrong_length", "std_wrong_length",
+               "std_zero", "smoothing_1", "smoothing_negative", "in_chans_1", "input_size_zero", "img_size_0",
+               "train_num_samples_0", "num_classes_0", "vb_0", "drop_path_1", "mixup_prob_2", "scale_three_values",
+               "crop_pct_0", "we_rate_norm_flag_named", "amp_fp16_on_cpu",
+               # folders in the way, escapes
+               "experiment_taken", "experiment_escape", "experiment_nested", "experiment_dot", "output_is_a_file",
+               "val_split_is_train", "aa_unknown", "interpolation_unknown", "opt_kwargs_unknown", "clip_grad_negative",
+               "cooldown_negative"]
+
+
+def _previous_run(tmp: Path) -> Path:
+    """A run that exists before the bad command (its bytes must stay the same)."""
+    run = tmp / "out" / "prev"
+    run.mkdir(parents=True)
+    (run / "args.yaml").write_text("model: test_resnet\n")
+    (run / "last.pth.tar").write_bytes(b"PK\x03\x04 an earlier run's state")
+    (run / "last.safetensors").write_bytes(b"an earlier run's weights")
+    return run
+
+
+def _snapshot(tmp: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(tmp)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(tmp.rglob("*"))}
 
 
 @pytest.mark.parametrize("case", TRAIN_CASES)
 def test_train_bad_input_one_line_error(tmp_path: Path, capsys, case: str):
+    if case == "amp_fp16_on_cpu" and torch.cuda.is_available():
+        pytest.skip("float16 autocast is refused on CPU only")
+    if case == "output_is_a_file":
+        (tmp_path / "out").write_text("not a folder")
+    elif not case.startswith("resume_auto"):
+        _previous_run(tmp_path)
     argv, pattern = _train_case(tmp_path, case)
-    before = sorted(tmp_path.rglob("*"))
+    before = _snapshot(tmp_path)
     with pytest.raises(SystemExit) as e:
         train.cli([*TINY, "--epochs", "1", *argv, "--output", str(tmp_path / "out")])  # argv's own --epochs wins
     msg = str(e.value.code)
     assert msg.startswith("error: ") and "\n" not in msg, msg
     assert re.search(pattern, msg), msg
     assert "Traceback" not in capsys.readouterr().err
-    assert sorted(tmp_path.rglob("*")) == before  # no run folder, no file written
+    assert _snapshot(tmp_path) == before  # no run folder, no file written, the earlier run unchanged
 
 
 def test_train_all_images_unreadable_is_one_line_error(tmp_path: Path, capsys):
@@ -221,13 +336,31 @@ def test_train_unreadable_data_mid_run_is_one_line_error(tmp_path: Path, capsys,
 
 
 def test_train_skips_a_single_corrupt_image(tmp_path: Path, caplog):
-    """One unreadable file in an ImageFolder is skipped with a warning (timm's behaviour); the run completes."""
+    """One unreadable file in an ImageFolder is skipped with a warning naming it (timm skips it); the epoch ends
+    with the count; the run completes."""
     data = Path(_data(tmp_path, train=4, val=2))
     (data / "train" / "class1" / "2.png").write_bytes(b"not a png")
     assert train.cli([*TINY, "--epochs", "1", "--data-dir", str(data), "-b", "4", "--output", str(tmp_path / "out"),
                       "--experiment", "x"]) == 0
     assert "Skipped sample" in caplog.text
+    assert f"unreadable training image skipped: {data / 'train' / 'class1' / '2.png'}" in caplog.text
+    assert "epoch 0: 1 unreadable training image(s) skipped" in caplog.text
     assert (tmp_path / "out" / "x" / "last.safetensors").is_file()
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_more_bad_images_than_allowed_stop_the_run(tmp_path: Path, capsys, workers: str):
+    """Scattered corrupt files (never 10 in a row, so timm goes on): beyond --max-bad-images the run stops."""
+    data = Path(_data(tmp_path, train=8, val=2))
+    for f in sorted((data / "train").rglob("*.png"))[1::3]:
+        f.write_bytes(b"\x89PNG truncated")
+    with pytest.raises(SystemExit) as e:
+        train.cli([*TINY, "--epochs", "1", "--data-dir", str(data), "-b", "4", "--output", str(tmp_path / "out"),
+                   "--experiment", "x", "--workers", workers, "--max-bad-images", "3"])
+    assert str(e.value.code) == ("error: more than 3 unreadable training images in one epoch (named in the warnings "
+                                 "above); fix or remove them, or raise --max-bad-images"), e.value.code
+    assert "Traceback" not in capsys.readouterr().err
+    assert not list((tmp_path / "out" / "x").glob("*.pth.tar"))
 
 
 # ----------------------------------------------------------------------------- validate.py (beyond test_validate.py)
@@ -256,21 +389,146 @@ def _validate_case(tmp: Path, run: Path, images: Path, case: str) -> tuple[list[
             (tmp / "bad" / "validation" / f"c{c}").mkdir(parents=True)
             (tmp / "bad" / "validation" / f"c{c}" / "0.png").write_bytes(b"not a png")
         return ["--checkpoint", good, "--data-dir", str(tmp / "bad")], "cannot read split .validation.*c0/0.png"
+    if case == "amp_fp16_on_cpu":
+        return ["--checkpoint", good, *data, "--amp", "--amp-dtype", "float16", "--cpu"], r"float16 .*needs a GPU"
+    if case == "img_size_negative":
+        return ["--checkpoint", good, *data, "--img-size", "-1"], r"--img-size must be >= 1, got -1"
+    if case == "num_samples_0":
+        return ["--checkpoint", good, *data, "--num-samples", "0"], r"--num-samples must be >= 1"
+    if case == "results_file_missing_folder":  # checked before the evaluation, not after it
+        return ["--checkpoint", good, *data, "--results-file", str(tmp / "no" / "r.csv")], r"--results-file .*does not exist"
+    if case == "results_file_is_dir":
+        return ["--checkpoint", good, *data, "--results-file", str(tmp)], r"--results-file .* is a directory"
+    if case == "no_split_folder":  # timm would evaluate the whole root (the training images too)
+        shutil.copytree(images / "validation", tmp / "only" / "train")
+        return ["--checkpoint", good, "--data-dir", str(tmp / "only")], r"no 'validation' split folder"
+    if case == "images_directly_in_split":
+        (tmp / "flat" / "validation").mkdir(parents=True)
+        for i, f in enumerate(sorted(images.rglob("*.png"))):
+            shutil.copy(f, tmp / "flat" / "validation" / f"{i}.png")
+        return ["--checkpoint", good, "--data-dir", str(tmp / "flat")], r"image\(s\) sit directly in the split folder"
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["truncated_train_state", "empty_file", "checkpoint_is_dir", "unknown_model",
-                                  "batch_size_0", "all_images_unreadable"])
+VALIDATE_CASES = ["truncated_train_state", "empty_file", "checkpoint_is_dir", "unknown_model", "batch_size_0",
+                  "all_images_unreadable", "img_size_negative", "num_samples_0", "results_file_missing_folder",
+                  "results_file_is_dir", "no_split_folder", "images_directly_in_split", "amp_fp16_on_cpu"]
+
+
+@pytest.mark.parametrize("case", VALIDATE_CASES)
 def test_validate_bad_input_one_line_error(tmp_path, run_dir, image_dir, capsys, case):  # noqa: F811
     argv, pattern = _validate_case(tmp_path, run_dir, image_dir, case)
     results = tmp_path / "results.csv"
     with pytest.raises(SystemExit) as e:
-        validate.main(_args(*argv, "--results-file", str(results)))
+        validate.main(_args("--results-file", str(results), *argv))  # a case's own --results-file wins
     msg = str(e.value.code)
     assert msg.startswith("error: ") and "\n" not in msg, msg
     assert re.search(pattern, msg), msg
     assert "Traceback" not in capsys.readouterr().err
-    assert not results.exists()
+    assert not results.exists() and not (tmp_path / "no").exists()
+
+
+def test_a_folder_without_checkpoints_does_not_block_the_next_run(tmp_path: Path, capsys):
+    """A run that failed after its folder was made (args.yaml only): the corrected command runs there."""
+    (tmp_path / "out" / "x").mkdir(parents=True)
+    (tmp_path / "out" / "x" / "args.yaml").write_text("epochs: 1\n")
+    with pytest.raises(SystemExit) as e:  # nothing to continue: the message says to run without --resume
+        train.cli(["--resume", str(tmp_path / "out" / "x")])
+    assert "run the command without --resume (or with --resume auto)" in str(e.value.code)
+    assert train.cli([*TINY, *DIGITS, "--epochs", "1", "--output", str(tmp_path / "out"), "--experiment", "x"]) == 0
+    assert state.load_state(str(tmp_path / "out" / "x" / "last.pth.tar"))["epoch"] == 0
+
+
+@pytest.mark.parametrize("script", ["train.py", "validate.py"])
+@pytest.mark.parametrize("offline, message", [
+    ({"HF_HUB_OFFLINE": "1"}, r"are not in the Hugging Face cache .* and HF_HUB_OFFLINE is set"),
+    ({"HF_ENDPOINT": "http://127.0.0.1:9"}, r"are not cached and 127.0.0.1:9 cannot be reached"),  # refused at once
+])
+def test_offline_pretrained_fails_fast(tmp_path: Path, script: str, offline: dict, message: str):
+    """No network: weights surely not cached (an empty HF_HOME and torch hub dir) end with one line in seconds."""
+    argv = ["--model", "resnet18", "--pretrained", *(["--dataset", "digits", "--epochs", "1", "--output",
+                                                       str(tmp_path / "out")] if script == "train.py" else [])]
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env=subprocess_env(HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "t"),
+                                                          **offline))
+    assert proc.returncode == 1 and time.monotonic() - start < 60, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --pretrained resnet18: its weights") and re.search(message, last), last
+    assert "Traceback" not in proc.stderr and "Retrying" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- export, round trips, Ctrl-C
+
+EXPORT = [sys.executable, "-m", "we_timm.export"]
+
+
+def test_export_refuses_to_replace_an_export(run_dir, tmp_path: Path):  # noqa: F811
+    out = tmp_path / "release"
+    argv = [*EXPORT, "--checkpoint", str(run_dir / "model_best.safetensors"), "--output-dir", str(out)]
+    assert subprocess.run(argv, capture_output=True, env=subprocess_env(), timeout=120).returncode == 0
+    before = _snapshot(out)
+    proc = subprocess.run([*argv[:4], str(run_dir / "model_best_ema.safetensors"), *argv[5:]], capture_output=True,
+                          text=True, env=subprocess_env(), timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --output-dir {out} already holds an export "
+                                                           "(config.json, model.safetensors); pass --overwrite")
+    assert _snapshot(out) == before
+    proc = subprocess.run([*argv[:4], str(run_dir / "model_best_ema.safetensors"), *argv[5:], "--overwrite"],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    a, _ = load_weights(out / "model.safetensors")
+    b, _ = load_weights(run_dir / "model_best_ema.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_every_file_train_writes_reads_back_without_flags(tmp_path: Path):
+    """The README demo's shape (--model-kwargs, EMA): validate.py and export read every weights and state file
+    of the run folder with no other flag, and rebuild the same network."""
+    kwargs = ["--model", "resnet18", "--model-kwargs", "layers=[1,1,1,0]", "channels=[8,16,16,16]", "stem_width=8"]
+    run_train([*TINY, *DIGITS, *kwargs, "--epochs", "2", "--model-ema", "--output", str(tmp_path), "--experiment", "r"],
+              cwd=tmp_path)
+    run = tmp_path / "r"
+    written = sorted(p.name for p in run.iterdir() if p.name.endswith((".safetensors", ".pth.tar")))
+    assert len(written) == 11, written  # last, checkpoint-0, checkpoint-1 (weights, EMA, state); model_best (+EMA)
+    results = {}
+    for name in written:
+        results[name] = validate.main(_args("--checkpoint", str(run / name), "--num-samples", "64"))
+        out = tmp_path / "export" / name
+        export.main(export.get_args_parser().parse_args(["--checkpoint", str(run / name), "--output-dir", str(out)]))
+        exported, _ = load_weights(out / "model.safetensors")
+        weights, _ = load_weights(run / name)
+        assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights), name
+        timm.create_model(f"local-dir:{out}", pretrained=True)
+    for state_file in ("last.pth.tar", "checkpoint-1.pth.tar"):  # a state evaluates as its model weights do
+        assert results[state_file]["top1"] == results[state_file.replace(".pth.tar", ".safetensors")]["top1"]
+
+
+def test_ctrl_c_exits_130_leaving_complete_files(tmp_path: Path):
+    """A real process sent SIGINT mid-training: one `error:` line, exit status 130, no partial file, every
+    file loadable; `--resume auto` then continues."""
+    argv = [sys.executable, str(ROOT / "train.py"), *TINY, *DIGITS, "--epochs", "40", "--output", str(tmp_path),
+            "--experiment", "c"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env())
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "c" / "checkpoint-1.pth.tar").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)") and "Traceback" not in err, err[-3000:]
+    run = tmp_path / "c"
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    for p in run.iterdir():
+        if p.name.endswith(".safetensors"):
+            load_weights(p)
+        elif p.name.endswith(".pth.tar"):
+            state.load_state(str(p))
+    epoch = state.load_state(state.newest_state(str(run)))["epoch"]
+    out = run_train([*argv[2:-6], "--epochs", str(epoch + 2), "--output", str(tmp_path), "--experiment", "c",
+                     "--resume", "auto"], cwd=tmp_path)
+    assert load_weights(run / "last.safetensors")[1]["epoch"] == epoch + 1, out[-2000:]
 
 
 # ----------------------------------------------------------------------------- kill -9 at fixed points, then --resume
@@ -321,6 +579,47 @@ def test_kill_then_resume_is_bitwise_identical(digits_run: Path, tmp_path: Path,
         assert meta["epoch"] == 2 and a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert no_time(read_csv(run / "summary.csv")) == no_time(read_csv(digits_run / "summary.csv"))
+
+
+SAVE_RUN_ARGS = [*TINY, *DIGITS, "--epochs", "2", "--weight-evolution", "--model-ema", "--model-ema-decay", "0.5",
+                 "--checkpoint-hist", "1", "--eval-metric", "loss"]  # epoch 1 is a new best and evicts epoch 0
+
+
+def _same_run_files(a: Path, b: Path) -> None:
+    """Same file names; same weights, epochs and summary rows."""
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for p in a.iterdir():
+        if p.name.endswith(".safetensors"):
+            (x, mx), (y, my) = load_weights(p), load_weights(b / p.name)
+            assert mx["epoch"] == my["epoch"] and all(torch.equal(x[k], y[k]) for k in x), p.name
+        elif p.name.endswith(".pth.tar"):
+            x, y = state.load_state(str(p)), state.load_state(str(b / p.name))
+            assert x["epoch"] == y["epoch"] and x["checkpoints"] == y["checkpoints"], p.name
+            assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"]), p.name
+    assert no_time(read_csv(a / "summary.csv")) == no_time(read_csv(b / "summary.csv"))
+
+
+def test_kill_at_every_file_operation_of_a_checkpoint_save(tmp_path: Path):
+    """SIGKILL before each file operation of epoch 1's save (write last.*, link checkpoint-1.* and model_best.*,
+    remove the evicted checkpoint-0.*): `--resume auto` repairs the folder from the state's ranking and ends
+    with exactly the uninterrupted run's files, bit for bit."""
+    where = ["--output", str(tmp_path)]
+    run_train([*SAVE_RUN_ARGS, *where, "--experiment", "full"], cwd=tmp_path)
+    full = tmp_path / "full"
+    assert load_weights(full / "model_best.safetensors")[1]["epoch"] == 1 and not (full / "checkpoint-0.pth.tar").exists()
+    killed = 0
+    for k in range(20):
+        name = f"k{k}"
+        proc = run_fault(f"kill:save@{k}:1", [*SAVE_RUN_ARGS, *where, "--experiment", name], cwd=tmp_path)
+        if proc.returncode == 0:  # the save has k operations: every one was interrupted once
+            _same_run_files(full, tmp_path / name)
+            break
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        killed += 1
+        out = run_train([*SAVE_RUN_ARGS, *where, "--experiment", name, "--resume", "auto"], cwd=tmp_path)
+        assert ("repaired" in out) == (k >= 3), (k, out[-2000:])  # after last.pth.tar (op 2) the folder lags it
+        _same_run_files(full, tmp_path / name)
+    assert killed == 11  # 3 writes of last.*, 3 links checkpoint-1.*, 2 links model_best*, 3 removals
 
 
 def test_official_variant_killed_in_we_step_resumes_exactly(tmp_path: Path):

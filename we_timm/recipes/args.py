@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 from typing import Any, Mapping, NoReturn
 
 import torch
@@ -21,10 +22,13 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from torch import nn
 
 from ..config import LAYER_KINDS, LEVELS, MATCHINGS, SELECTIONS, VARIANTS, WEConfig
+from .data import DEFAULT_MAX_BAD_IMAGES, TRAIN_SPLITS
 from .errors import UsageError, one_line
 from .state import resolve_resume, saved_args
 
 _logger = logging.getLogger(__name__)
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's str_to_interp_mode
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -71,6 +75,9 @@ def _data_args(parser):
     g.add_argument("--dataset-download", action="store_true", default=False, help="allow torch/ datasets to download")
     g.add_argument("--class-map", default="", type=str, metavar="FILENAME",
                    help='path to class to idx mapping file (default: "")')
+    g.add_argument("--max-bad-images", type=int, default=DEFAULT_MAX_BAD_IMAGES, metavar="N",
+                   help="unreadable images (skipped, named in a warning) tolerated per split and epoch before the "
+                        f"run stops (default: {DEFAULT_MAX_BAD_IMAGES})")
 
 
 def _model_args(parser):
@@ -99,7 +106,7 @@ def _model_args(parser):
     g.add_argument("--crop-pct", default=None, type=float, metavar="N", help="center crop percent for validation")
     g.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN", help="override dataset mean")
     g.add_argument("--std", type=float, nargs="+", default=None, metavar="STD", help="override dataset std")
-    g.add_argument("--interpolation", default="", type=str, metavar="NAME",
+    g.add_argument("--interpolation", default="", type=str, metavar="NAME", choices=("", *INTERPOLATIONS),
                    help="image resize interpolation (overrides model)")
     g.add_argument("-b", "--batch-size", type=int, default=128, metavar="N",
                    help="training batch size per process (default: 128)")
@@ -152,7 +159,7 @@ def _sched_args(parser):
                    help="base LR: lr = lr_base * global_batch_size / lr_base_size")
     g.add_argument("--lr-base-size", type=int, default=256, metavar="DIV",
                    help="base learning rate batch size (default: 256)")
-    g.add_argument("--lr-base-scale", type=str, default="", metavar="SCALE",
+    g.add_argument("--lr-base-scale", type=str, default="", metavar="SCALE", choices=("", "linear", "sqrt"),
                    help='"linear" or "sqrt" (default: by optimizer)')
     g.add_argument("--warmup-lr", type=float, default=1e-5, metavar="LR", help="warmup learning rate (default: 1e-5)")
     g.add_argument("--min-lr", type=float, default=0, metavar="LR",
@@ -193,7 +200,7 @@ def _aug_args(parser):
     g.add_argument("--aa", type=str, default=None, metavar="NAME",
                    help='AutoAugment policy, e.g. "rand-m9-mstd0.5" (default: None)')
     g.add_argument("--reprob", type=float, default=0.0, metavar="PCT", help="random erase probability (default: 0)")
-    g.add_argument("--remode", type=str, default="pixel", help='random erase mode (default: "pixel")')
+    g.add_argument("--remode", type=str, default="pixel", choices=("pixel", "rand", "const"), help='random erase mode (default: "pixel")')
     g.add_argument("--recount", type=int, default=1, help="random erase count (default: 1)")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, enabled if > 0")
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, enabled if > 0")
@@ -202,7 +209,7 @@ def _aug_args(parser):
     g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
     g.add_argument("--mixup-switch-prob", type=float, default=0.5,
                    help="probability of cutmix instead of mixup when both on")
-    g.add_argument("--mixup-mode", type=str, default="batch", help='"batch", "pair" or "elem"')
+    g.add_argument("--mixup-mode", type=str, default="batch", choices=("batch", "pair", "elem"), help='"batch", "pair" or "elem"')
     g.add_argument("--mixup-off-epoch", default=0, type=int, metavar="N",
                    help="turn off mixup after this epoch (0: never)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
@@ -210,7 +217,7 @@ def _aug_args(parser):
     g.add_argument("--bce-target-thresh", type=float, default=None, help="threshold for binarizing soft BCE targets")
     g.add_argument("--bce-sum", action="store_true", default=False, help="sum over classes in the BCE loss")
     g.add_argument("--bce-pos-weight", type=float, default=None, help="positive weighting for the BCE loss")
-    g.add_argument("--train-interpolation", type=str, default="random",
+    g.add_argument("--train-interpolation", type=str, default="random", choices=("", "random", *INTERPOLATIONS),
                    help='training interpolation (default: "random")')
     g.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout rate (default: 0)")
     g.add_argument("--drop-path", type=float, default=None, metavar="PCT", help="drop path rate (default: None)")
@@ -280,7 +287,7 @@ def _we_train_args(parser):
 def _misc_args(parser):
     g = parser.add_argument_group("Miscellaneous parameters")
     g.add_argument("--seed", type=int, default=42, metavar="S", help="random seed (default: 42)")
-    g.add_argument("--worker-seeding", type=str, default="all", help="worker seed mode (default: all)")
+    g.add_argument("--worker-seeding", type=str, default="all", choices=("all", "part"), help="worker seed mode (default: all)")
     g.add_argument("--log-interval", type=int, default=50, metavar="N", help="updates between training log lines")
     g.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
                    help="number of best checkpoints to keep (default: 10)")
@@ -356,10 +363,73 @@ def resolve_args(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         ok = not path or os.path.isfile(path) or (flag == "resume" and path == "auto")
         checks.append((ok, f"--{flag.replace('_', '-')} {path}: no such file"))
-    for ok, message in checks:
+    for ok, message in checks + value_checks(args):
         if not ok:
             raise ValueError(message)
     we_config_from_args(args)  # validates the --we-* values
+
+
+def _in(value: Any, low: float, high: float, flag: str, high_open: bool = False) -> tuple[bool, str]:
+    """(value is None or within [low, high] / [low, high), message naming the flag)."""
+    ok = value is None or (low <= value < high if high_open else low <= value <= high)
+    return ok, f"{flag} must be in [{low:g}, {high:g}{')' if high_open else ']'}, got {value}"
+
+
+def _at_least(value: Any, low: int, flag: str) -> tuple[bool, str]:
+    return value is None or value >= low, f"{flag} must be >= {low}, got {value}"
+
+
+def _n_values(values: Any, counts: tuple[int, ...], flag: str) -> tuple[bool, str]:
+    ok = values is None or len(values) in counts
+    return ok, f"{flag} takes {' or '.join(map(str, counts))} value(s), got {values}"
+
+
+def experiment_name_check(name: str) -> tuple[bool, str]:
+    """An experiment is a plain folder name inside --output: no path separators, not '.' or '..'."""
+    ok = not name or (name not in (".", "..") and "/" not in name and os.sep not in name and name.strip() == name)
+    return ok, f"--experiment {name!r} must be a plain folder name (no '/', not '.' or '..'); use --output for the parent"
+
+
+def value_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
+    """(ok, message naming the flag) for every value train.py would otherwise ignore, or fail on mid-run."""
+    chans = args.input_size[0] if args.input_size else args.in_chans or 3
+    return [
+        experiment_name_check(args.experiment),
+        _at_least(args.num_classes, 1, "--num-classes"),
+        _at_least(args.validation_batch_size, 1, "--validation-batch-size (-vb)"),
+        _at_least(args.train_num_samples, 1, "--train-num-samples"),
+        _at_least(args.val_num_samples, 1, "--val-num-samples"),
+        _at_least(args.img_size, 1, "--img-size"),
+        _at_least(min(args.input_size) if args.input_size else None, 1, "--input-size"),
+        _at_least(args.checkpoint_hist, 0, "--checkpoint-hist"),
+        _at_least(args.max_bad_images, 0, "--max-bad-images"),
+        _at_least(args.warmup_epochs, 0, "--warmup-epochs"),
+        _at_least(args.lr, 0, "--lr"),
+        _at_least(args.cooldown_epochs, 0, "--cooldown-epochs"),
+        (args.clip_grad is None or args.clip_grad > 0, f"--clip-grad must be > 0, got {args.clip_grad}"),
+        (args.decay_rate > 0, f"--decay-rate must be > 0, got {args.decay_rate}"),
+        (not args.output or not os.path.exists(args.output) or os.path.isdir(args.output),
+         f"--output {args.output} is not a directory"),
+        (len({args.train_split.lower(), args.val_split.lower()} - set(TRAIN_SPLITS[1:])) == 2,
+         f"--train-split {args.train_split} and --val-split {args.val_split} name the same split: train.py would "
+         "validate on the training images"),
+        (chans == 3, f"--in-chans/--input-size give {chans} channel(s), but the data are loaded as RGB images "
+                     "(3 channels)"),
+        _n_values(args.mean, (1, chans), "--mean"),
+        _n_values(args.std, (1, chans), "--std"),
+        (not args.std or min(args.std) > 0, f"--std must be > 0, got {args.std}"),
+        _n_values(args.scale, (2,), "--scale"),
+        _n_values(args.ratio, (2,), "--ratio"),
+        _n_values(args.cutmix_minmax, (2,), "--cutmix-minmax"),
+        _in(args.smoothing, 0, 1, "--smoothing", high_open=True),
+        _in(args.crop_pct, 0, 1, "--crop-pct") if args.crop_pct != 0 else (False, "--crop-pct must be > 0"),
+        _in(args.model_ema_decay, 0, 1, "--model-ema-decay"),
+        *(_in(getattr(args, k), 0, 1, f"--{k.replace('_', '-')}") for k in ("mixup_prob", "mixup_switch_prob",
+                                                                            "reprob", "hflip", "vflip")),
+        *(_in(getattr(args, k), 0, 1, f"--{k.replace('_', '-')}", high_open=True)
+          for k in ("drop", "drop_path", "drop_block")),
+        (args.mixup >= 0 and args.cutmix >= 0, f"--mixup and --cutmix must be >= 0, got {args.mixup}, {args.cutmix}"),
+    ]
 
 
 def mixup_active(args: argparse.Namespace) -> bool:
@@ -391,7 +461,10 @@ def we_config_from_args(args: argparse.Namespace) -> WEConfig | None:
     values = {f.name: getattr(args, f"we_{f.name}") for f in dataclasses.fields(WEConfig)}
     if values["milestones"] is None:
         values["milestones"] = lr_decay_epochs(args)
-    return WEConfig(**values)
+    try:
+        return WEConfig(**values)
+    except ValueError as e:  # "WEConfig.rate must ..." -> "--we-rate must ..."
+        raise ValueError(re.sub(r"WEConfig\.(\w+)", lambda m: "--we-" + m.group(1).replace("_", "-"), str(e))) from None
 
 
 
@@ -471,6 +544,9 @@ TIMM_ONLY = frozenset("""
 def _coerce(action: argparse.Action, key: str, value: Any) -> Any:
     """A YAML value as argparse would have produced it from the command line (ValueError if it cannot)."""
     if value is None:
+        if action.default is not None:
+            raise ValueError(f"{key}: null is not a value (leave the key out for the default, "
+                             f"{action.default!r})")
         return None
     if action.nargs == 0:  # store_true / store_false
         if not isinstance(value, bool):
@@ -502,11 +578,24 @@ def _coerce_one(action: argparse.Action, key: str, value: Any) -> Any:
     return value
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     """YAML file -> validated parser defaults; unknown keys and ill-typed values raise ValueError."""
     try:
         with open(path, encoding="utf-8") as f:
-            cfg = yaml.safe_load(f)
+            cfg = yaml.load(f, Loader=UniqueKeyLoader)
     except OSError as e:
         raise ValueError(f"cannot read config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:

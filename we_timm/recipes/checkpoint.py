@@ -32,6 +32,7 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "CheckpointError",
     "atomic_save",
+    "check_pretrained_reachable",
     "create_model_from_checkpoint",
     "describe_mismatch",
     "ema_sibling",
@@ -233,6 +234,9 @@ def _torch_metadata(ckpt: Mapping[str, Any], key: str) -> dict[str, Any]:
         kwargs.update(args["model_kwargs"] if isinstance(args.get("model_kwargs"), dict) else {})
         if kwargs:
             meta["model_kwargs"] = kwargs
+    for key in ("architecture", "num_classes", "model_kwargs", "data_config", "we_config"):  # train.py's states
+        if ckpt.get(key) is not None:
+            meta[key] = ckpt[key]
     return meta
 
 
@@ -332,6 +336,48 @@ def load_into_model(model: torch.nn.Module, state_dict: Mapping[str, torch.Tenso
             "non-strict load into %s: missing %s; unexpected %s",
             model_name(model), _listing(result.missing_keys), _listing(result.unexpected_keys),
         )
+
+
+# ----------------------------------------------------------------------------- pretrained weights
+
+
+def check_pretrained_reachable(name: str, timeout: float = 5.0) -> None:
+    """Before `timm.create_model(name, pretrained=True)`: ValueError in seconds (not a minute of retries) when
+    the weights are neither cached nor downloadable (HF_HUB_OFFLINE set, or the hub / URL host unreachable)."""
+    import socket
+    from urllib.parse import urlparse
+
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+    hub_id, url = (getattr(cfg, "hf_hub_id", None), getattr(cfg, "url", None)) if cfg is not None else (None, None)
+    if getattr(cfg, "file", None) or getattr(cfg, "state_dict", None):
+        return
+    if hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, _, revision = hub_id.partition("@")
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str) for f in names):
+            return
+        if constants.HF_HUB_OFFLINE:
+            raise ValueError(f"--pretrained {name}: its weights ({repo}) are not in the Hugging Face cache "
+                             f"{constants.HF_HUB_CACHE} and HF_HUB_OFFLINE is set; download them once online, "
+                             "or pass --pretrained-path FILE")
+        where = constants.ENDPOINT
+    elif url:
+        if os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))):
+            return
+        where = url
+    else:
+        return  # no weights to fetch: timm says so itself
+    parsed = urlparse(where)
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"--pretrained {name}: its weights are not cached and {host}:{port} cannot be reached "
+                         f"({e.strerror or e}); connect, or pass --pretrained-path FILE") from None
 
 
 # ----------------------------------------------------------------------------- model from a checkpoint

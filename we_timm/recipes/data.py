@@ -17,13 +17,14 @@ import importlib.util
 import logging
 import os
 import random
+import pickle
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch.utils.data
 from PIL import Image
 
-from .errors import DataError, one_line
+from .errors import DataError, DataReadError, one_line
 
 _logger = logging.getLogger(__name__)
 
@@ -178,6 +179,75 @@ class EpochShuffle(torch.utils.data.Sampler):
         return iter((order + self.epoch * self.n).tolist())
 
 
+DEFAULT_MAX_BAD_IMAGES = 10  # unreadable images tolerated per split and epoch (timm skips them) before the run stops
+_reading: list["BadImageCounter"] = []  # the counter whose item this process is reading
+
+
+class _SkippedSamples(logging.Filter):
+    """Sees timm's "Skipped sample (index i)" warnings (in whichever process reads) and counts them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if _reading and msg.startswith("Skipped sample"):
+            _reading[-1].skipped(msg)
+        return True
+
+
+_SKIPPED = _SkippedSamples()
+
+
+class BadImageCounter(DatasetView):
+    """A map-style dataset whose unreadable images (skipped by timm) are named with their path and counted
+    across DataLoader workers; more than `limit` in one epoch raises DataReadError."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, what: str, limit: int):
+        import multiprocessing
+
+        self.dataset, self.what, self.limit = dataset, what, limit
+        self.count = multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Value("i", 0)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        logging.getLogger("timm.data.dataset").addFilter(_SKIPPED)  # once per process (addFilter ignores repeats)
+        _reading.append(self)
+        try:
+            item = self.dataset[index]
+        finally:
+            _reading.pop()
+        if self.count.value > self.limit:
+            raise DataReadError(f"more than {self.limit} unreadable {self.what} images in one epoch (named in the "
+                                "warnings above); fix or remove them, or raise --max-bad-images")
+        return item
+
+    def skipped(self, message: str) -> None:
+        inner = getattr(self.dataset, "dataset", self.dataset)  # under FixedSubset
+        index = message.split("(index ", 1)[-1].split(")", 1)[0]
+        path = inner.filename(int(index), absolute=True) if hasattr(inner, "filename") and index.isdigit() else "?"
+        _logger.warning(f"unreadable {self.what} image skipped: {path} ({message.split('). ', 1)[-1]})")
+        with self.count.get_lock():
+            self.count.value += 1
+
+    def take_count(self) -> int:
+        """Unreadable images met since the last call (the epoch's), and start counting anew."""
+        with self.count.get_lock():
+            n, self.count.value = self.count.value, 0
+        return n
+
+
+def report_bad_images(epoch: int, *datasets: Any) -> None:
+    """The end-of-epoch summary of the unreadable images each split skipped."""
+    for dataset in datasets:
+        while isinstance(dataset, DatasetView) and not isinstance(dataset, BadImageCounter):
+            dataset = dataset.dataset  # e.g. under SeededSamples
+        if isinstance(dataset, BadImageCounter):
+            n = dataset.take_count()
+            if n:
+                _logger.warning(f"epoch {epoch}: {n} unreadable {dataset.what} image(s) skipped (named above; the "
+                                f"run stops beyond --max-bad-images {dataset.limit} in one epoch)")
+
+
 def num_classes_of(dataset: Any) -> int | None:
     """Class count a dataset declares (torchvision `classes`, timm readers' `class_to_idx`), else None."""
     for obj in (dataset, getattr(dataset, "dataset", None), getattr(dataset, "reader", None)):
@@ -245,6 +315,10 @@ def _timm_dataset(name: str, root: str | None, split: str, is_training: bool, kw
     name = "" if name.lower() in FOLDER_NAMES else name
     if root and not os.path.isdir(root):
         raise DataError(f"--data-dir {root} is not a directory")
+    if not name:  # an image folder: the split folder is found here, never timm's silent fall-back to the root
+        folder = split_folder(root, split, is_training)
+        check_class_folders(folder, kwargs.get("class_map") or "", all_classes=is_training)
+        root, kwargs = folder, {**kwargs, "search_split": False}
     try:
         dataset = timm_create_dataset(name, root=root, split=split, is_training=is_training, **kwargs)
     except (RuntimeError, FileNotFoundError, AssertionError, ValueError, OSError, ImportError) as e:
@@ -257,6 +331,91 @@ def _timm_dataset(name: str, root: str | None, split: str, is_training: bool, kw
     return dataset
 
 
+# ----------------------------------------------------------------------------- image folder layout
+
+
+def split_folder(root: str, split: str, is_training: bool) -> str:
+    """`root/<split>` (or a synonym timm accepts: train/training, validation/val/valid/eval/test); DataError if
+    there is none. timm would fall back to `root` itself: validating on the training images, or one class."""
+    synonyms = TRAIN_SPLITS if split.lower() in TRAIN_SPLITS else EVAL_SPLITS if split.lower() in EVAL_SPLITS else ()
+    for name in (split, *synonyms):
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    flag = "--train-split NAME" if is_training else "--val-split NAME (validate.py: --split NAME)"
+    looked = "/, ".join(dict.fromkeys((split, *synonyms)))
+    raise DataError(f"--data-dir {root} has no {split!r} split folder (looked for {looked}/); an image folder needs "
+                    f"one folder per split, each with one subfolder per class; name yours with {flag}")
+
+
+def _image_files(folder: str) -> list[str]:
+    from timm.data import get_img_extensions
+
+    exts = get_img_extensions(as_set=True)
+    return sorted(e.name for e in os.scandir(folder) if e.is_file() and os.path.splitext(e.name)[1].lower() in exts)
+
+
+def class_folders(folder: str) -> list[str]:
+    """The class subfolders of a split folder (hidden ones skipped)."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def read_class_map(path: str) -> list[str]:
+    """The class names of a --class-map file (timm's format: .txt one name a line, or a .pkl dict)."""
+    from timm.data.readers.class_map import load_class_map
+
+    try:
+        return [str(k) for k in load_class_map(path)]
+    except (OSError, ValueError, AssertionError, EOFError, pickle.UnpicklingError) as e:
+        raise DataError(f"--class-map {path} cannot be read: {one_line(e)[:200]}") from None
+
+
+def check_class_folders(folder: str, class_map: str = "", all_classes: bool = True) -> None:
+    """A split folder holds one subfolder per class and no loose images; with --class-map, a folder for each of
+    its classes (`all_classes`; an evaluation split may lack some) and none other."""
+    loose = _image_files(folder)
+    if loose:
+        raise DataError(f"{len(loose)} image(s) sit directly in the split folder {folder} (e.g. {loose[0]}); put "
+                        "each class's images in its own subfolder (<split>/<class>/<image>)")
+    found = class_folders(folder)
+    if not found:
+        raise DataError(f"the split folder {folder} has no class subfolders (<split>/<class>/<image>)")
+    if class_map:
+        named = read_class_map(class_map)
+        missing, extra = _differ(named, found)
+        missing = missing if all_classes else []
+        if missing or extra:
+            raise DataError(f"--class-map {class_map} does not match the class folders of {folder}: "
+                            + _difference("named in the map but without a folder", missing,
+                                          "folders not in the map (their images would be dropped)", extra))
+
+
+def _differ(a: Sequence[str], b: Sequence[str]) -> tuple[list[str], list[str]]:
+    return sorted(set(a) - set(b)), sorted(set(b) - set(a))
+
+
+def _difference(what_a: str, a: list[str], what_b: str, b: list[str]) -> str:
+    def show(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f", ... (+{len(names) - 5})" if len(names) > 5 else "")
+
+    return "; ".join(f"{what} {show(names)}" for what, names in ((what_a, a), (what_b, b)) if names)
+
+
+def check_same_classes(train: Any, val: Any, train_split: str, val_split: str, class_map: str) -> None:
+    """The training and validation splits label the same classes with the same indices."""
+    a = getattr(getattr(train, "reader", None), "class_to_idx", None)
+    b = getattr(getattr(val, "reader", None), "class_to_idx", None)
+    if not a or not b or a == b or (class_map and set(b) <= set(a)):
+        return  # with a class map both splits share its indices; a validation subset is fine
+    only_train, only_val = _differ(a, b)
+    if only_train or only_val:
+        hint = (" (a validation split with fewer classes needs --class-map listing the training classes, so both "
+                "splits share one index)" if not only_val else "")
+        raise DataError(f"the class folders of splits {train_split!r} and {val_split!r} differ: "
+                        + _difference(f"only in {train_split!r}:", only_train, f"only in {val_split!r}:", only_val)
+                        + hint)
+    raise DataError(f"splits {train_split!r} and {val_split!r} index their classes differently")
+
+
 # ----------------------------------------------------------------------------- what the scripts load
 
 
@@ -266,9 +425,17 @@ def load_train_data(args: Any) -> tuple[Any, Any, int | None]:
                   batch_size=args.batch_size, seed=args.seed)
     train = create_dataset(split=args.train_split, is_training=True, num_samples=args.train_num_samples, **common)
     val = create_dataset(split=args.val_split, is_training=False, num_samples=args.val_num_samples, **common)
+    check_same_classes(getattr(train, "dataset", train), getattr(val, "dataset", val), args.train_split,
+                       args.val_split, args.class_map)
     for split, dataset in ((args.train_split, train), (args.val_split, val)):
         probe_dataset(dataset, split)
-    return train, val, num_classes_of(train)
+    classes = num_classes_of(train)
+    if args.num_classes and classes and args.num_classes < classes:
+        raise DataError(f"--num-classes {args.num_classes} is less than the {classes} classes of the training data")
+    if args.dataset != DIGITS:  # streaming readers report their own errors
+        train, val = (d if isinstance(d, torch.utils.data.IterableDataset) else BadImageCounter(d, what,
+                      args.max_bad_images) for d, what in ((train, "training"), (val, "validation")))
+    return train, val, classes
 
 
 def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: Any) -> tuple[Any, Any]:
@@ -291,6 +458,17 @@ def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: A
     interpolation = args.train_interpolation
     if args.no_aug or not interpolation:
         interpolation = data_config["interpolation"]
+    try:
+        return _create_loaders(args, data_config, train_set, val_set, interpolation, common)
+    except (AssertionError, KeyError, ValueError, TypeError) as e:  # timm's transforms reject the value deep down
+        raise DataError(f"cannot build the data transforms (--aa, --interpolation, --scale, --ratio, ...): "
+                        f"{one_line(e) or type(e).__name__}") from None
+
+
+def _create_loaders(args: Any, data_config: dict, train_set: Any, val_set: Any, interpolation: str,
+                    common: dict) -> tuple[Any, Any]:
+    from timm.data import create_loader
+
     loader_train = create_loader(
         train_set, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
         re_mode=args.remode, re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip,

@@ -68,6 +68,13 @@ def bind_evolution(acc: Accelerator, model: nn.Module, we: WeightEvolution | Non
     return bound
 
 
+def check_precision(accelerator: Accelerator) -> None:
+    """Accelerate runs float16 autocast on a CPU as fp32 while reporting fp16: refuse it instead."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("mixed precision float16 (--amp --amp-dtype float16, or the accelerate config) needs a "
+                         "GPU; on CPU use --amp-dtype bfloat16, or leave out --amp")
+
+
 @dataclass
 class Trainer:
     """The run's objects, shared by the epoch functions (instead of timm's 15-argument train_one_epoch)."""

@@ -135,6 +135,8 @@ def read_batches(loader: Any, what: str) -> Iterator[Any]:
             if is_collective_failure(e):
                 raise
             lines = [line for line in str(e).splitlines() if line.strip()]  # a worker's error ends with the cause
+            if isinstance(e, DataReadError):  # ours, maybe re-raised from a worker as "<module>.DataReadError: ..."
+                raise DataReadError(lines[-1].split("DataReadError: ", 1)[-1] if lines else str(e)) from e
             raise DataReadError(f"reading the {what} data failed: {lines[-1] if lines else type(e).__name__} "
                                 "(the warnings above name the unreadable files)") from e
         yield batch
@@ -151,9 +153,22 @@ def one_line_errors(debug: bool = False) -> Iterator[None]:
         raise SystemExit(error_line(e)) from None
 
 
+INTERRUPTED = 130  # what shells report for a process ended by Ctrl-C (128 + SIGINT)
+
+
 def run(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> int:
-    """A script's entry point: `main(argv)` under `one_line_errors` (tracebacks when argv holds --debug)."""
+    """A script's entry point: `main(argv)` under `one_line_errors` (tracebacks when argv holds --debug).
+
+    Returns 0, or `INTERRUPTED` after Ctrl-C (one `error:` line; files on disk are complete: every write is atomic).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    with one_line_errors("--debug" in argv):
-        main(argv)
+    try:
+        with one_line_errors("--debug" in argv):
+            main(argv)
+    except KeyboardInterrupt:
+        if "--debug" in argv:
+            raise
+        print("error: interrupted (Ctrl-C); the files written so far are complete (a training run continues with "
+              "--resume auto)", file=sys.stderr)
+        return INTERRUPTED
     return 0

@@ -72,6 +72,16 @@ def export_model(
     return config_path, weights_path
 
 
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Before any work: `output_dir` is a folder (or can be made) and holds no export unless `overwrite`."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise CheckpointError(f"--output-dir {output_dir} exists and is not a directory")
+    taken = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if os.path.exists(os.path.join(output_dir, n))]
+    if taken and not overwrite:
+        raise CheckpointError(f"--output-dir {output_dir} already holds an export ({', '.join(taken)}); "
+                              "pass --overwrite to replace it, or choose another folder")
+
+
 def _provenance(metadata: dict[str, Any]) -> dict[str, Any]:
     """The train.py metadata worth keeping in config.json (JSON-safe)."""
     keep = ("epoch", "metrics", "we_config", "ema", "data_config")
@@ -86,6 +96,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="timm architecture; default: the checkpoint's metadata")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier size; default: the checkpoint's metadata")
     parser.add_argument("--use-ema", action="store_true", help="export the EMA weights (<name>_ema.safetensors or state_dict_ema)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the config.json / model.safetensors of an existing export in --output-dir")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser
 
@@ -93,6 +105,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> tuple[str, str]:
     """Export `args.checkpoint`; bad inputs become `SystemExit("error: <one line>")` unless `--debug`."""
     with one_line_errors(args.debug):
+        check_output_dir(args.output_dir, args.overwrite)
         model, metadata, path = create_model_from_checkpoint(
             args.checkpoint, model_name=args.model, num_classes=args.num_classes, use_ema=args.use_ema,
         )

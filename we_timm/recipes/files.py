@@ -99,6 +99,18 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """OSError naming `flag` unless `path` can be created (or appended to) now, before hours of work."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{flag} {path} is a directory")
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{flag} {path}: the folder {parent} does not exist")
+    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
+        raise PermissionError(f"{flag} {path} is not writable")
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Atomically replace `path` with `data`."""
     def write(tmp: str) -> None:

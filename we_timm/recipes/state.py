@@ -15,13 +15,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+import re
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from accelerate.utils import gather_object
 
-from .checkpoint import atomic_save, ema_sibling, is_safetensors_file, load_into_model, save_safetensors, torch_load
-from .errors import one_line
+from .checkpoint import (atomic_save, ema_sibling, is_safetensors_file, load_into_model, read_metadata,
+                         save_safetensors, torch_load)
+from .errors import CheckpointError, one_line
 from .files import json_safe, link_or_copy, remove
 
 if TYPE_CHECKING:
@@ -146,10 +148,22 @@ def resolve_resume(resume: str, output: str, experiment: str) -> str:
     folder = os.path.join(output or "./output/train", experiment) if resume == "auto" else resume
     path = newest_state(folder)
     if path is None and resume != "auto":
-        raise ValueError(f"--resume {folder}: no last.pth.tar or checkpoint-N.pth.tar in this folder")
+        raise ValueError(f"--resume {folder}: no last.pth.tar or checkpoint-N.pth.tar in this folder; nothing to "
+                         "continue: run the command without --resume (or with --resume auto)")
     if path is None:
         _logger.warning(f"--resume auto: no training state in {folder} yet; starting the run")
     return path or "auto"
+
+
+def check_run_folder_free(folder: str, resume: str) -> None:
+    """A new run may use `folder` unless it holds checkpoints: a run that failed before its first checkpoint
+    (args.yaml, perhaps summary.csv) does not block the corrected command."""
+    if resume or not os.path.isdir(folder):
+        return
+    saved = sorted(n for n in os.listdir(folder) if n.endswith((STATE_EXT, WEIGHTS_EXT)))
+    if saved:
+        raise ValueError(f"{folder} already holds a run ({', '.join(saved[:3])}); pass a new --experiment, "
+                         f"or --resume {folder} to continue it")
 
 
 def saved_args(path: str) -> dict[str, Any]:
@@ -221,6 +235,8 @@ def training_state(t: Trainer, epoch: int, metric: float | None = None) -> dict[
         "history": json_safe(t.history),
         "we_records": json_safe(t.we_records),
         "args": json_safe(vars(t.args)),
+        # what rebuilds the model without train.py's flags (validate.py and export read a state like a .safetensors)
+        **{k: t.meta[k] for k in ("architecture", "num_classes", "model_kwargs", "data_config", "we_config")},
     }
 
 
@@ -357,6 +373,38 @@ class CheckpointKeeper:
                     remove(_restem(src, f"checkpoint-{old}"))
         return is_best
 
+    def reconcile(self, epoch: int) -> list[str]:
+        """Make the folder match the ranking of the resumed state of `epoch`; returns the paths changed.
+
+        `save` writes `last.*` (whose state already holds the new ranking) before it links `checkpoint-<epoch>.*`
+        and `model_best.*` and removes evicted epochs: a kill in between leaves links missing, a stale
+        `model_best` and orphan files. Links are made only from a file that holds the right epoch.
+        """
+        changed: list[str] = []
+        kinds = [k for k in ("", "_ema") if os.path.exists(self.path("last" + k))]
+        kept = {e for _, e in self.kept}
+        wanted = [(f"checkpoint-{e}{k}", ext, e) for e in sorted(kept) for k, ext in
+                  [(k, WEIGHTS_EXT) for k in kinds] + [("", STATE_EXT)]]
+        if self.best is not None:
+            wanted += [(f"model_best{k}", WEIGHTS_EXT, self.best[1]) for k in kinds]
+            wanted.append(("model_best", STATE_EXT, self.best[1]))  # timm's model_best.pth.tar
+        for stem, ext, e in wanted:
+            dst = self.path(stem, ext)
+            if _epoch_of(dst) == e:
+                continue
+            suffix = "_ema" if stem.endswith("_ema") else ""
+            src = next((p for p in (self.path("last" + suffix, ext), self.path(f"checkpoint-{e}{suffix}", ext))
+                        if _epoch_of(p) == e), None)
+            if src is not None:
+                link_or_copy(src, dst)
+                changed.append(dst)
+        for name in sorted(os.listdir(self.out_dir)):  # evicted epochs whose files were not removed yet
+            m = re.fullmatch(r"checkpoint-(\d+)(_ema)?(\.safetensors|\.pth\.tar)", name)
+            if m and int(m.group(1)) <= epoch and int(m.group(1)) not in kept:
+                remove(os.path.join(self.out_dir, name))
+                changed.append(os.path.join(self.out_dir, name))
+        return changed
+
     def _write_last(self, weights: Mapping[str, tuple[Any, Any]], state: dict[str, Any]) -> list[str]:
         files = []
         for kind, (sd, meta) in weights.items():
@@ -368,6 +416,18 @@ class CheckpointKeeper:
         atomic_save(state, state_path)
         files.append(state_path)
         return files
+
+
+def _epoch_of(path: str) -> int | None:
+    """The epoch a weights file or training state was saved at (None: missing or unreadable)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        if path.endswith(WEIGHTS_EXT):
+            return read_metadata(path).get("epoch")
+        return int(load_state(path, mmap=True)["epoch"])
+    except (CheckpointError, ValueError):
+        return None
 
 
 def _restem(path: str, stem: str) -> str:
