@@ -484,7 +484,7 @@ def _create_loaders(args: Any, data_config: dict, train_set: Any, val_set: Any, 
     )
     # the prefetcher's device work (normalise, erase) is `DeviceInputs`: keep timm's DataLoader, not its wrapper
     loader_train, loader_eval = (getattr(loader, "loader", loader) for loader in (loader_train, loader_eval))
-    if seeded:  # timm's loader, with the epoch-keyed order instead of its RandomSampler
+    if isinstance(train_set, SeededSamples):  # timm's loader, with the epoch-keyed order instead of its RandomSampler
         loader_train = torch.utils.data.DataLoader(
             train_set, batch_size=args.batch_size, sampler=EpochShuffle(len(train_set), args.seed), drop_last=True,
             num_workers=loader_train.num_workers, collate_fn=loader_train.collate_fn,
