@@ -255,7 +255,9 @@ def save_checkpoint(t: Trainer, epoch: int, metrics: dict[str, dict]) -> None:
     metric = metrics["ema" if t.model_ema is not None else "model"][t.args.eval_metric]
     if t.keeper.save(epoch, metric, files, lambda: training_state(t, epoch, metric)):
         _logger.info(f"New best {t.args.eval_metric} {metric:.4f} at epoch {epoch}")
-    remove(t.keeper.path(RECOVERY, STATE_EXT))  # older than the epoch state now on disk
+    recovery = t.keeper.path(RECOVERY, STATE_EXT)
+    if os.path.exists(recovery):  # older than the epoch state now on disk
+        remove(recovery)
 
 
 def save_recovery(t: Trainer, epoch: int, updates: int, sums: torch.Tensor) -> None:
