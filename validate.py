@@ -81,8 +81,8 @@ def resolve_eval_config(args: argparse.Namespace, model: torch.nn.Module, metada
     train_args = metadata.get("args")
     if not saved and isinstance(train_args, dict):
         saved = resolve_data_config({k: train_args.get(k) for k in DATA_ARGS}, model=model)
-    # the checkpoint's own evaluation config wins over the architecture's default test size
-    base = {**{k: v for k, v in model.pretrained_cfg.items() if k != "test_input_size"}, **saved} if saved else None
+    # the checkpoint's own evaluation config wins over the architecture's test size and test crop
+    base = {**{k: v for k, v in model.pretrained_cfg.items() if not k.startswith("test_")}, **saved} if saved else None
     return resolve_data_config(vars(args), pretrained_cfg=base, model=model, use_test_size=not args.use_train_size)
 
 

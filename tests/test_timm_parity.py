@@ -147,7 +147,8 @@ def test_validate_use_train_size():
     saved = {"data_config": {"input_size": [3, 224, 224], "crop_pct": 0.875, "interpolation": "bilinear",
                              "mean": [0.5] * 3, "std": [0.5] * 3, "crop_mode": "center"}}
     args = validate.get_args_parser().parse_args([])  # a checkpoint's own evaluation config beats the test size
-    assert tuple(validate.resolve_eval_config(args, model, saved)["input_size"]) == (3, 224, 224)
+    config = validate.resolve_eval_config(args, model, saved)
+    assert tuple(config["input_size"]) == (3, 224, 224) and config["crop_pct"] == 0.875  # not test_crop_pct 1.0
 
 
 def test_model_dtype_bfloat16_run_with_we(tmp_path: Path):
