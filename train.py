@@ -18,7 +18,6 @@ import argparse
 import logging
 import math
 import os
-import sys
 import time
 from collections import OrderedDict
 from datetime import datetime, timedelta
@@ -348,7 +347,7 @@ def fit(args: argparse.Namespace, acc: Accelerator) -> dict[str, Any]:
         _logger.warning(f"the run already completed its {t.num_epochs} epochs; pass a larger --epochs to train longer")
     with logging_redirect_tqdm():  # Ctrl-C ends it: `errors.run` exits 130; summary.csv is as of the last epoch
         run_epochs(t, start_epoch)
-    write_run_files(t, plot=True)
+    write_run_files(t, plot=args.plot_summary)
     if t.keeper.best is not None and t.out_dir is not None:
         _logger.info(f"*** Best metric: {t.keeper.best[0]} (epoch {t.keeper.best[1]})")
     return {"best": t.keeper.best, "output": t.out_dir}
@@ -363,4 +362,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    errors.exit_process(cli())

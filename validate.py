@@ -245,4 +245,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    sys.exit(cli())
+    errors.exit_process(cli())

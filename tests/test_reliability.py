@@ -812,3 +812,22 @@ def test_processes_must_resume_the_same_state(monkeypatch, tmp_path: Path):
         state.check_same_start(acc.num_processes, str(tmp_path / "last.pth.tar"), {"epoch": 4})
     other[:] = [(str(tmp_path / "last.pth.tar"), 4)]
     state.check_same_start(acc.num_processes, str(tmp_path / "last.pth.tar"), {"epoch": 4})  # agreeing processes pass
+
+
+def test_exit_process_runs_atexit_flushes_and_keeps_the_status(tmp_path: Path):
+    # the scripts' fast exit: atexit handlers (loggers, trackers, worker clean-up) run, buffered output is written,
+    # the status is the script's; a non-daemon thread still running keeps Python's normal (waiting) exit
+    marker = tmp_path / "atexit-ran"
+    code = ("import atexit, sys, threading, time\n"
+            "from we_timm.recipes.errors import exit_process\n"
+            f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ok'))\n"
+            "sys.stdout.write('buffered')\n"
+            "if sys.argv[1] == 'thread':\n"
+            "    threading.Thread(target=lambda: (time.sleep(0.5), print(' thread done'))).start()\n"
+            "exit_process(3)\n")
+    for mode, out in (("plain", "buffered"), ("thread", "buffered thread done")):
+        marker.unlink(missing_ok=True)
+        proc = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=60,
+                              env=subprocess_env())
+        assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (3, out, ""), mode
+        assert marker.read_text() == "ok", mode

@@ -86,7 +86,7 @@ def digits_run(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("digits")
     run_train([*TINY, *DIGITS, "--epochs", "3", "--weight-evolution", "--model-ema", "--model-ema-decay", "0.9",
                "--mixup", "0.2", "--reprob", "0.2", "--drop-path", "0.05", "--checkpoint-hist", "3",
-               "--output", str(work / "out"), "--experiment", "full"], cwd=work)
+               "--plot-summary", "--output", str(work / "out"), "--experiment", "full"], cwd=work)
     return work / "out" / "full"
 
 
@@ -195,6 +195,7 @@ def test_we_off_grad_accum_clip_adamw_tensorboard(image_folder: Path, tmp_path: 
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert not [c for c in read_csv(run / "summary.csv")[0] if c.startswith("we_")]
     assert not (run / "we_stats.jsonl").exists()
+    assert not (run / "summary.png").exists()  # drawn only with --plot-summary
     assert load_weights(run / "last.safetensors")[1]["we_config"] is None
 
 

@@ -308,6 +308,9 @@ def _misc_args(parser):
                    help="run folder name (default: date-model-imgsize)")
     g.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"),
                    help='checkpoint ranking metric (default: "top1")')
+    g.add_argument("--plot-summary", action="store_true", default=False,
+                   help="also draw summary.csv as summary.png (curves, WE selection) when training ends (default: "
+                        "off, as timm: matplotlib adds ~1 s to the run)")
     g.add_argument("--log-tensorboard", action="store_true", default=False,
                    help="log metrics to TensorBoard via Accelerate trackers")
     g.add_argument("--debug", action="store_true", default=False, help="show tracebacks instead of one-line errors")

@@ -6,11 +6,14 @@ preemption) is one of `USER_ERRORS`; `run` prints it as one `error: <message>` l
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import signal
 import sys
+import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import torch
 
@@ -172,3 +175,23 @@ def run(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None = No
               "--resume auto)", file=sys.stderr)
         return INTERRUPTED
     return 0
+
+
+def exit_process(status: int) -> NoReturn:
+    """End a script's process with `status`, skipping only the interpreter's final teardown.
+
+    Freeing every module object of torch + timm takes ~1 s at exit (measured on 2 CPU cores: `import torch, timm,
+    accelerate` then exit: 4.1 s; with this: 3.2 s). Everything a normal exit does that matters still happens:
+    the atexit handlers run (logging, trackers, multiprocessing's worker clean-up), the standard streams are
+    flushed, and the OS releases memory and files. Where another non-daemon thread still runs, Python's exit is
+    kept (it waits for that thread). Only for `if __name__ == "__main__"`: never call it from a library.
+    """
+    if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
+        sys.exit(status)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(status)
