@@ -30,8 +30,8 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import InitProcessGroupKwargs
 from timm import utils
 from timm.data import Mixup, resolve_data_config
-from timm.layers import convert_sync_batchnorm, set_fast_norm
-from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
+from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -108,6 +108,8 @@ def _create_model(name: str, pretrained: bool, kwargs: dict, factory: dict, opti
 def build_loss(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, Mixup | None]:
     """timm's choice of training loss, and the mixup/cutmix transform if enabled."""
     bce = dict(sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
+    if args.jsd_loss:  # over the --aug-splits views of each sample (no mixup: args checks refuse it)
+        return JsdCrossEntropy(num_splits=args.aug_splits, smoothing=args.smoothing), None
     if mixup_active(args):
         mixup_fn = Mixup(
             mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
@@ -162,11 +164,13 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
     utils.random_seed(args.seed, 0)  # same initial weights on every rank
     train_set, val_set, num_classes = load_train_data(args)
     model, model_kwargs = build_model(args, args.num_classes or num_classes)
+    if args.split_bn:  # timm: a BatchNorm per augmentation split, initialised from the loaded weights
+        model = convert_splitbn_model(model, max(args.aug_splits, 2))
     if args.sync_bn and acc.num_processes > 1:  # timm: only when distributed; before EMA, WE and DDP see the model
         model = convert_sync_batchnorm(model)
     args.num_classes = getattr(model, "num_classes", None) or args.num_classes or num_classes
     data_config = resolve_data_config(vars(args), model=model, verbose=acc.is_main_process)
-    loaders = build_train_loaders(args, data_config, train_set, val_set)
+    loaders = build_train_loaders(args, data_config, train_set, val_set, acc.process_index, acc.num_processes)
     loader_train, loader_eval = (prepare_loader(acc, loader) for loader in loaders)
     if len(loader_train) == 0:
         raise ValueError(f"{len(train_set)} training images make no batch of {args.batch_size} per process")
@@ -204,7 +208,8 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
         t.we_ema = WeightEvolution(ema.module, we_config)
     if not args.no_prefetcher:  # timm's prefetcher: the workers hand over uint8 images
         dtype = getattr(torch, args.model_dtype or "float32")
-        t.train_inputs = DeviceInputs(data_config, acc.device, dtype, args.reprob, args.remode, args.recount)
+        t.train_inputs = DeviceInputs(data_config, acc.device, dtype, args.reprob, args.remode, args.recount,
+                                      re_num_splits=(args.aug_splits or 2) if args.resplit else 0)
         t.eval_inputs = DeviceInputs(data_config, acc.device, dtype)
     return t, resumed
 

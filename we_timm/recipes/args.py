@@ -22,7 +22,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from torch import nn
 
 from ..config import LAYER_KINDS, LEVELS, MATCHINGS, SELECTIONS, VARIANTS, WEConfig
-from .data import DEFAULT_MAX_BAD_IMAGES, TRAIN_SPLITS
+from .data import DEFAULT_MAX_BAD_IMAGES, PACKAGES, TRAIN_SPLITS
 from .errors import UsageError, one_line
 from .state import resolve_resume, saved_args
 
@@ -202,6 +202,19 @@ def _aug_args(parser):
     g.add_argument("--reprob", type=float, default=0.0, metavar="PCT", help="random erase probability (default: 0)")
     g.add_argument("--remode", type=str, default="pixel", choices=("pixel", "rand", "const"), help='random erase mode (default: "pixel")')
     g.add_argument("--recount", type=int, default=1, help="random erase count (default: 1)")
+    g.add_argument("--aug-repeats", type=float, default=0, metavar="N",
+                   help="repeated augmentation: each image N times per epoch, the copies spread over the processes, "
+                        "the epoch as long as without (timm's RepeatAugSampler; default: 0, off)")
+    g.add_argument("--aug-splits", type=int, default=0, metavar="N",
+                   help="every sample as its clean image plus N-1 augmented views, batches N times larger "
+                        "(timm's AugMixDataset; default: 0, off; else >= 2)")
+    g.add_argument("--jsd-loss", action="store_true", default=False,
+                   help="Jensen-Shannon consistency + cross-entropy over the --aug-splits views (timm's JsdCrossEntropy)")
+    g.add_argument("--resplit", action="store_true", default=False,
+                   help="do not random-erase the first (clean) split of a batch")
+    g.add_argument("--split-bn", action="store_true", default=False,
+                   help="separate BatchNorm statistics per augmentation split (timm's SplitBatchNorm2d; the extra "
+                        "layers are training-only and left out of the saved weights files)")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, enabled if > 0")
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, enabled if > 0")
     g.add_argument("--cutmix-minmax", type=float, nargs="+", default=None,
@@ -354,6 +367,19 @@ def resolve_args(args: argparse.Namespace) -> None:
         (args.we_ema == "follow" or args.model_ema, "--we-ema evolve needs --model-ema"),
         (not args.amp or args.model_dtype in (None, "float32"), "--amp needs --model-dtype float32 (timm's rule)"),
         (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
+        (args.aug_repeats == 0 or args.aug_repeats >= 1, f"--aug-repeats must be 0 (off) or >= 1, got {args.aug_repeats}"),
+        (args.aug_splits == 0 or args.aug_splits >= 2,
+         f"--aug-splits must be 0 (off) or >= 2 (the clean image and at least one augmented view), got {args.aug_splits}"),
+        (not args.jsd_loss or args.aug_splits >= 2, "--jsd-loss needs --aug-splits >= 2"),
+        (not (args.jsd_loss and args.bce_loss), "--jsd-loss and --bce-loss exclude each other"),
+        (not args.split_bn or args.aug_splits >= 2 or args.resplit, "--split-bn needs --aug-splits >= 2 or --resplit"),
+        (not (args.split_bn and args.sync_bn), "--split-bn and --sync-bn exclude each other (timm's rule)"),
+        (not (args.aug_splits and mixup_active(args)),
+         "--aug-splits cannot be combined with --mixup/--cutmix (timm's rule: mixing would blend the views)"),
+        (not (args.aug_splits and args.no_prefetcher),
+         "--aug-splits needs the prefetcher path (drop --no-prefetcher): the views are collated into one uint8 batch"),
+        (not ((args.aug_repeats or args.aug_splits) and (args.dataset or "").split("/")[0] in STREAMING_PREFIXES),
+         "--aug-repeats and --aug-splits need a map-style dataset (e.g. an image folder), not a streaming one"),
         (args.we_inspect_every >= 0, f"--we-inspect-every must be >= 0, got {args.we_inspect_every}"),
         (is_model(args.model) or ":" in args.model, f"unknown timm model {args.model!r} (see timm.list_models())"),
         (not (mixup_active(args) and args.batch_size % 2), f"mixup needs an even --batch-size, not {args.batch_size}"),
@@ -529,15 +555,17 @@ def get_validate_parser() -> argparse.ArgumentParser:
 
 # Arguments of timm's train.py (1.0.29) that we_timm does not implement: in a `-c` YAML (e.g. the args.yaml
 # of a timm run) they are skipped with one warning; any other unknown key is an error.
+STREAMING_PREFIXES = frozenset(PACKAGES)  # wds/, hfds/, hfids/, tfds/: iterable datasets
+
 TIMM_ONLY = frozenset("""
-    aug_repeats aug_splits data dataset_trust_remote_code device
+    data dataset_trust_remote_code device
     device_modules distill_loss_weight drop_connect epoch_repeats fuser
-    input_img_mode input_key jsd_loss kd_distill_type kd_loss_type kd_model_name
+    input_img_mode input_key kd_distill_type kd_loss_type kd_model_name
     kd_student_feature_dim kd_teacher_feature_dim kd_temperature kd_token_distill_type layer_decay_min_scale
     layer_decay_no_opt_scale local_rank log_wandb lr_cycle_decay lr_cycle_limit lr_cycle_mul lr_k_decay lr_noise
     lr_noise_pct lr_noise_std model_ema_force_cpu naflex_loader naflex_loss_scale naflex_max_seq_len
     naflex_patch_size_probs naflex_patch_sizes naflex_patchify_channels_first naflex_train_seq_lens no_ddp_bb
-    resplit save_images split_bn synchronize_step target_key task_loss_weight
+    save_images synchronize_step target_key task_loss_weight
     torchscript train_batch_sizes train_batches_per_epoch train_img_sizes train_size_probs
     train_size_random_mix train_size_schedule train_size_schedule_spread tta use_multi_epochs_loader val_interval
     variable_batch_loss_scale wandb_project wandb_resume_id wandb_tags

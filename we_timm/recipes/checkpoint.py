@@ -321,12 +321,17 @@ def describe_mismatch(model: torch.nn.Module, state_dict: Mapping[str, torch.Ten
     return "; ".join(parts)
 
 
+SPLIT_BN = ".aux_bn."  # keys of the extra BatchNorms of timm's SplitBatchNorm2d (--split-bn): training-only
+
+
 def load_into_model(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
     """`model.load_state_dict` that fails with one `CheckpointError` line naming every mismatch.
 
     Shapes are checked even with `strict=False` (torch would raise anyway);
     checkpoint shapes are listed first, model shapes second.
     """
+    own = model.state_dict()
+    state_dict = {k: v for k, v in state_dict.items() if k in own or SPLIT_BN not in k}  # --split-bn's extra BNs
     problem = describe_mismatch(model, state_dict, strict=strict)
     if problem:
         raise CheckpointError(f"checkpoint does not match model {model_name(model)}: {problem}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import random
 import pickle
@@ -147,10 +148,11 @@ def seed_everything(key: int, devices: bool = True) -> None:
 
 
 class SeededSamples(DatasetView):
-    """A training set whose sample `i` of epoch `e` is read and augmented with every RNG seeded from (seed, e, i).
+    """A training set whose sample `i` of draw `d` is read and augmented with every RNG seeded from (seed, d, i).
 
-    Keys are `e * len + i` (what `EpochShuffle` yields), so a sample's augmentation depends on nothing else: not
-    on the worker that reads it, on worker persistence, on what was read before, or on a resume mid-epoch.
+    Keys are `d * len + i` (what `EpochShuffle` yields; the draw is the epoch, or with --aug-repeats one per copy),
+    so a sample's augmentation depends on nothing else: not on the worker that reads it, on worker persistence,
+    on what was read before, or on a resume mid-epoch.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
@@ -161,8 +163,8 @@ class SeededSamples(DatasetView):
         return len(self.dataset)
 
     def __getitem__(self, key: int) -> Any:
-        epoch, index = divmod(int(key), len(self.dataset))
-        seed_everything(sample_seed(self.seed, epoch, index), devices=False)
+        draw, index = divmod(int(key), len(self.dataset))
+        seed_everything(sample_seed(self.seed, draw, index), devices=False)
         return self.dataset[index]
 
 
@@ -170,20 +172,48 @@ class EpochShuffle(torch.utils.data.Sampler):
     """A random order of `n` samples per epoch, drawn from (seed, epoch) alone; yields `SeededSamples` keys.
 
     `set_epoch` (called by Accelerate's loader) picks the epoch; the order never depends on history.
+
+    `repeats` > 0 is timm's RepeatAugSampler (--aug-repeats): the epoch's order lists every image `repeats` times
+    in a row and this process takes every `world`-th entry from `rank` on, so the copies of an image land on
+    different processes (on one process: in the same or the next batch). Each process keeps timm's count of
+    samples (`repeat_selection`), so an epoch is about as long as without repeats. Every copy is its own draw, a
+    different augmentation. The sampler is already per process: Accelerate must not shard it (`per_rank`).
     """
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, repeats: float = 0, rank: int = 0, world: int = 1):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.repeats, self.rank, self.world = repeats, rank, world
+        self.per_rank = repeats > 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return repeat_selection(self.n, self.world) if self.per_rank else self.n
 
     def __iter__(self):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1)))
-        return iter((order + self.epoch * self.n).tolist())
+        if not self.per_rank:
+            return iter((order + self.epoch * self.n).tolist())
+        keys = self.repeated_keys(order)
+        return iter(keys[self.rank::self.world][: len(self)].tolist())
+
+    def repeated_keys(self, order: torch.Tensor) -> torch.Tensor:
+        """Every process's keys of the epoch, in order: image `order[j]` at positions `i` with `i // repeats == j`
+        (timm's rule, fractional repeats included), padded by the first entries to a multiple of `world`."""
+        size, per_copy = math.ceil(self.repeats * self.n), math.ceil(self.repeats)
+        j = torch.div(torch.arange(size, dtype=torch.float64), self.repeats, rounding_mode="floor").long()
+        _, counts = torch.unique_consecutive(j, return_counts=True)
+        copy = torch.arange(size) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        pad = -size % self.world
+        j, copy = torch.cat([j, j[:pad]]), torch.cat([copy, copy[:pad] + per_copy])  # padding: draws of their own
+        return (self.epoch * 2 * per_copy + copy) * self.n + order[j]
+
+
+def repeat_selection(n: int, world: int) -> int:
+    """Samples per process and epoch with --aug-repeats: timm's RepeatAugSampler count (the data set rounded down
+    to a multiple of 256, split over the processes); for sets under 256 images, where that is 0, ceil(n / world)."""
+    return (n // 256 * 256) // world or math.ceil(n / world)
 
 
 DEFAULT_MAX_BAD_IMAGES = 10  # unreadable images tolerated per split and epoch (timm skips them) before the run stops
@@ -445,17 +475,21 @@ def load_train_data(args: Any) -> tuple[Any, Any, int | None]:
     return train, val, classes
 
 
-def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: Any) -> tuple[Any, Any]:
+def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: Any, rank: int = 0,
+                        world: int = 1) -> tuple[Any, Any]:
     """timm transforms and loaders (no prefetcher: Accelerate places batches; sharding happens in `prepare`).
 
     A map-style training set is read in `EpochShuffle` order through `SeededSamples`: every sample's
     augmentation is seeded from (seed, epoch, index), so workers can persist and a run resumed mid-epoch
-    draws exactly what the uninterrupted run drew.
+    draws exactly what the uninterrupted run drew. `rank` / `world` place this process's --aug-repeats copies.
+    --aug-splits wraps the set in timm's AugMixDataset (the clean image + augmented views of each sample).
     """
-    from timm.data import create_loader
+    from timm.data import AugMixDataset
 
     seeded = not isinstance(train_set, torch.utils.data.IterableDataset)
     if seeded:
+        if args.aug_splits > 1:
+            train_set = AugMixDataset(train_set, num_splits=args.aug_splits)
         train_set = SeededSamples(train_set, args.seed)
     common = dict(
         input_size=data_config["input_size"], mean=data_config["mean"], std=data_config["std"],
@@ -466,14 +500,14 @@ def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: A
     if args.no_aug or not interpolation:
         interpolation = data_config["interpolation"]
     try:
-        return _create_loaders(args, data_config, train_set, val_set, interpolation, common)
+        return _create_loaders(args, data_config, train_set, val_set, interpolation, common, rank, world)
     except (AssertionError, KeyError, ValueError, TypeError) as e:  # timm's transforms reject the value deep down
         raise DataError(f"cannot build the data transforms (--aa, --interpolation, --scale, --ratio, ...): "
                         f"{one_line(e) or type(e).__name__}") from None
 
 
 def _create_loaders(args: Any, data_config: dict, train_set: Any, val_set: Any, interpolation: str,
-                    common: dict) -> tuple[Any, Any]:
+                    common: dict, rank: int, world: int) -> tuple[Any, Any]:
     from timm.data import create_loader
 
     loader_train = create_loader(
@@ -482,7 +516,7 @@ def _create_loaders(args: Any, data_config: dict, train_set: Any, val_set: Any, 
         vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=interpolation,
         color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
         gaussian_blur_prob=args.gaussian_blur_prob, train_crop_mode=args.train_crop_mode,
-        worker_seeding=args.worker_seeding, **common,
+        worker_seeding=args.worker_seeding, num_aug_splits=args.aug_splits, re_split=args.resplit, **common,
     )
     loader_eval = create_loader(
         val_set, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
@@ -493,7 +527,8 @@ def _create_loaders(args: Any, data_config: dict, train_set: Any, val_set: Any, 
     loader_train, loader_eval = (getattr(loader, "loader", loader) for loader in (loader_train, loader_eval))
     if isinstance(train_set, SeededSamples):  # timm's loader, with the epoch-keyed order instead of its RandomSampler
         loader_train = torch.utils.data.DataLoader(
-            train_set, batch_size=args.batch_size, sampler=EpochShuffle(len(train_set), args.seed), drop_last=True,
+            train_set, batch_size=args.batch_size, drop_last=True,
+            sampler=EpochShuffle(len(train_set), args.seed, args.aug_repeats, rank, world),
             num_workers=loader_train.num_workers, collate_fn=loader_train.collate_fn,
             pin_memory=loader_train.pin_memory, worker_init_fn=loader_train.worker_init_fn,
             persistent_workers=loader_train.persistent_workers,
@@ -506,7 +541,7 @@ class DeviceInputs:
     than float32) become `dtype`, are normalised and, in training, randomly erased (`--reprob`)."""
 
     def __init__(self, data_config: dict, device: torch.device, dtype: torch.dtype = torch.float32,
-                 re_prob: float = 0.0, re_mode: str = "const", re_count: int = 1):
+                 re_prob: float = 0.0, re_mode: str = "const", re_count: int = 1, re_num_splits: int = 0):
         from timm.data.random_erasing import RandomErasing
         from timm.data.loader import adapt_to_chs
 
@@ -517,7 +552,8 @@ class DeviceInputs:
                                  dtype=dtype).view(shape)
         self.std = torch.tensor([255 * x for x in adapt_to_chs(data_config["std"], channels)], device=device,
                                 dtype=dtype).view(shape)
-        self.erase = RandomErasing(probability=re_prob, mode=re_mode, max_count=re_count, device=device) \
+        self.erase = RandomErasing(probability=re_prob, mode=re_mode, max_count=re_count, num_splits=re_num_splits,
+                                   device=device) \
             if re_prob > 0 else None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -527,8 +563,10 @@ class DeviceInputs:
 
 def prepare_loader(acc: Any, loader: torch.utils.data.DataLoader) -> Any:
     """`accelerator.prepare` for a loader: batches on the device, samples sharded over the processes. A
-    streaming dataset's reader already reads only this rank's shards, so Accelerate only places its batches."""
-    if not isinstance(loader.dataset, torch.utils.data.IterableDataset):
+    streaming dataset's reader already reads only this rank's shards, and an --aug-repeats sampler only this
+    rank's samples, so Accelerate only places their batches."""
+    per_rank = getattr(loader.sampler, "per_rank", False)
+    if not isinstance(loader.dataset, torch.utils.data.IterableDataset) and not per_rank:
         return acc.prepare(loader)
     from accelerate.data_loader import prepare_data_loader
 

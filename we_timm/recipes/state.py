@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from accelerate.utils import gather_object
 
-from .checkpoint import (atomic_save, ema_sibling, is_safetensors_file, load_into_model, read_metadata,
+from .checkpoint import (SPLIT_BN, atomic_save, ema_sibling, is_safetensors_file, load_into_model, read_metadata,
                          save_safetensors, torch_load)
 from .errors import CheckpointError, one_line
 from .files import json_safe, link_or_copy, remove
@@ -246,7 +246,7 @@ def save_checkpoint(t: Trainer, epoch: int, metrics: dict[str, dict]) -> None:
         return
 
     def weights(module: torch.nn.Module, kind: str) -> tuple[dict, dict]:
-        sd = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        sd = {k: v.detach().cpu() for k, v in module.state_dict().items() if SPLIT_BN not in k}  # training-only
         return sd, {**t.meta, "epoch": epoch, "metrics": metrics[kind], "ema": kind == "ema"}
 
     files = {"model": weights(t.raw_model, "model")}
