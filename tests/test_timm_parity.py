@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ def test_timm_args_yaml_is_a_config(tmp_path: Path, caplog):
     assert (args.model, args.batch_size, args.img_size, args.sched, args.model_ema) == ("test_resnet", 8, 32,
                                                                                          "cosine", True)
     warnings = [r.getMessage() for r in caplog.records if "timm's train.py" in r.getMessage()]
-    assert len(warnings) == 1 and "aug_repeats" in warnings[0] and "kd_model_name" in warnings[0]
+    assert len(warnings) == 1 and "kd_model_name" in warnings[0] and "aug_repeats" not in warnings[0]
+    assert (args.aug_repeats, args.aug_splits, args.jsd_loss, args.split_bn) == (0, 0, False, False)  # now ours
     bad = tmp_path / "bad.yaml"
     bad.write_text(TIMM_ARGS.read_text() + "batch_sise: 8\n")  # a typo neither timm nor we know
     with pytest.raises(ValueError, match="unknown key.*batch_sise"):
@@ -160,3 +162,141 @@ def test_model_dtype_bfloat16_run_with_we(tmp_path: Path):
     assert read_csv(tmp_path / "bf16" / "summary.csv")[0]["we_changed"] != ""
     with pytest.raises(ValueError, match="--amp needs --model-dtype float32"):
         train.parse_args([*TINY, "--amp", "--model-dtype", "bfloat16"])
+
+
+# ----------------------------------------------------------------------------- --aug-repeats, --aug-splits, --jsd-loss
+
+
+def _draw_index(keys, n: int) -> list[tuple[int, int]]:
+    return [divmod(int(k), n) for k in keys]
+
+
+def test_aug_repeats_sampler_spreads_seeded_copies_over_ranks():
+    from we_timm.recipes.data import EpochShuffle, repeat_selection
+
+    n = 600
+    ranks = [EpochShuffle(n, seed=3, repeats=3, rank=r, world=2) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(4)
+    per_rank = [list(s) for s in ranks]
+    assert [len(k) for k in per_rank] == [len(s) for s in ranks] == [256, 256]  # timm: 600 // 256 * 256 / 2
+    assert repeat_selection(100, 2) == 50 and repeat_selection(100, 1) == 100  # small sets: about n per epoch
+    everything = ranks[0].repeated_keys(torch.randperm(n))
+    assert len(everything) == 3 * n and len(set(everything.tolist())) == 3 * n  # every copy its own draw
+    pairs = _draw_index(everything, n)
+    copies = {}
+    for draw, index in pairs:
+        copies.setdefault(index, set()).add(draw)
+    assert all(len(d) == 3 and all(4 * 6 <= x < 5 * 6 for x in d) for d in copies.values())  # epoch 4's draws
+    # the copies of an image sit in a row and are dealt out in turn: every image of rank 0's first 30 is also on rank 1
+    first = {i for _, i in _draw_index(per_rank[0][:30], n)}
+    assert first <= {i for _, i in _draw_index(per_rank[1][:40], n)}
+    assert per_rank == [list(s) for s in ranks]  # from (seed, epoch) alone
+    ranks[0].set_epoch(5)
+    assert list(ranks[0]) != per_rank[0]
+    frac = EpochShuffle(10, seed=0, repeats=1.5).repeated_keys(torch.arange(10))
+    counts = torch.bincount(frac % 10, minlength=10)
+    assert len(frac) == 15 and sorted(counts.tolist()) == [1] * 5 + [2] * 5  # timm's fractional repeats
+    plain = EpochShuffle(n, seed=3)
+    plain.set_epoch(4)
+    assert sorted(k - 4 * n for k in plain) == list(range(n))  # without repeats: unchanged keys
+
+
+def test_aug_splits_batches_views_and_erases_only_augmented_splits():
+    from we_timm.recipes.data import DeviceInputs, build_train_loaders, load_train_data
+
+    args = train.parse_args([*TINY, *DIGITS, "--aug-splits", "3", "--jsd-loss", "--split-bn", "--reprob", "1.0",
+                             "--resplit", "--smoothing", "0.2"])
+    loss_fn, mixup_fn = train.build_loss(args, 10)
+    assert type(loss_fn).__name__ == "JsdCrossEntropy" and loss_fn.num_splits == 3 and mixup_fn is None
+    train_set, val_set, _ = load_train_data(args)
+    config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",
+              "crop_pct": 1.0, "crop_mode": "center"}
+    loader, _ = build_train_loaders(args, config, train_set, val_set)
+    images, target = next(iter(loader))
+    b = args.batch_size
+    assert images.shape == (3 * b, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.equal(target[:b], target[b:2 * b]) and torch.equal(target[:b], target[2 * b:])
+    assert not torch.equal(images[:b], images[b:2 * b])  # the clean split and an augmented view differ
+    erase = DeviceInputs(config, torch.device("cpu"), re_prob=1.0, re_mode="const", re_num_splits=3)
+    plain = DeviceInputs(config, torch.device("cpu"))
+    out, ref = erase(images.clone()), plain(images.clone())
+    assert torch.equal(out[:b], ref[:b]) and not torch.equal(out[b:], ref[b:])  # --resplit: the clean split kept
+
+
+def test_aug_splits_jsd_split_bn_run_with_we(tmp_path: Path):
+    """A real run: 3 views per sample, JSD loss, split BN, random erasing of the augmented views, WE; the weights
+    files hold the plain architecture (no aux BNs) and validate.py reads them; the training state keeps them."""
+    from timm.layers import SplitBatchNorm2d
+
+    import validate
+
+    run_train([*TINY, *DIGITS, "--epochs", "2", "--aug-splits", "3", "--jsd-loss", "--split-bn", "--reprob", "0.5",
+               "--resplit", "--weight-evolution", "--output", str(tmp_path), "--experiment", "splits"], cwd=tmp_path)
+    run = tmp_path / "splits"
+    weights, _ = load_weights(run / "last.safetensors")
+    assert weights and not [k for k in weights if "aux_bn" in k]
+    state = load_state(str(run / "last.pth.tar"))
+    assert [k for k in state["state_dict"] if "aux_bn" in k]
+    assert read_csv(run / "summary.csv")[0]["we_changed"] != ""
+    model = train.build_model(train.parse_args([*TINY, *DIGITS, "--aug-splits", "3", "--split-bn"]), 10)[0]
+    assert not any(isinstance(m, SplitBatchNorm2d) for m in model.modules())  # conversion happens in setup
+    for path in (run / "last.safetensors", run / "last.pth.tar"):
+        assert validate.cli(["--checkpoint", str(path), "--dataset", "digits"]) == 0
+
+
+def test_aug_repeats_and_splits_resume_mid_epoch_bitwise(tmp_path: Path):
+    """Killed after update 2 of epoch 1 with a recovery state every update; resumed, it ends bit-identical to the
+    uninterrupted run: the repeated copies and the augmented views draw the same augmentations."""
+    from test_reliability import run_fault
+    from we_timm.recipes.checkpoint import load_weights as weights_of
+
+    flags = [*TINY, *DIGITS, "--epochs", "2", "--aug-repeats", "2", "--aug-splits", "2", "--reprob", "0.5",
+             "--resplit", "--weight-evolution", "-b", "16"]
+    run_train([*flags, "--output", str(tmp_path / "a"), "--experiment", "run"], cwd=tmp_path)
+    argv = [*flags, "--recovery-interval", "1", "--output", str(tmp_path / "b"), "--experiment", "run"]
+    assert run_fault("kill:train:1", argv, cwd=tmp_path).returncode == -9
+    run_train([*argv, "--resume", "auto"], cwd=tmp_path)
+    a, _ = weights_of(tmp_path / "a" / "run" / "last.safetensors")
+    b, meta = weights_of(tmp_path / "b" / "run" / "last.safetensors")
+    assert meta["epoch"] == 1 and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [{k: v for k, v in r.items() if "time" not in k} for r in read_csv(tmp_path / "a" / "run" / "summary.csv")]
+    again = [{k: v for k, v in r.items() if "time" not in k} for r in read_csv(tmp_path / "b" / "run" / "summary.csv")]
+    assert rows == again
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--aug-splits", "1"], "--aug-splits must be 0 (off) or >= 2"),
+    (["--aug-repeats", "0.5"], "--aug-repeats must be 0 (off) or >= 1, got 0.5"),
+    (["--jsd-loss"], "--jsd-loss needs --aug-splits >= 2"),
+    (["--aug-splits", "2", "--jsd-loss", "--bce-loss"], "--jsd-loss and --bce-loss exclude each other"),
+    (["--split-bn"], "--split-bn needs --aug-splits >= 2 or --resplit"),
+    (["--aug-splits", "2", "--split-bn", "--sync-bn"], "--split-bn and --sync-bn exclude each other"),
+    (["--aug-splits", "2", "--mixup", "0.2"], "--aug-splits cannot be combined with --mixup/--cutmix"),
+    (["--aug-splits", "2", "--no-prefetcher"], "--aug-splits needs the prefetcher path"),
+])
+def test_aug_flag_combinations_timm_refuses_are_one_line(tmp_path: Path, argv, message):
+    with pytest.raises(SystemExit) as e:
+        train.cli([*TINY, *DIGITS, "--epochs", "1", *argv, "--output", str(tmp_path / "out")])
+    assert str(e.value.code).startswith("error: ") and message in str(e.value.code), e.value.code
+    assert not (tmp_path / "out").exists()
+
+
+def test_aug_repeats_needs_a_map_style_dataset(tmp_path: Path):
+    with pytest.raises(ValueError, match="need a map-style dataset"):
+        train.parse_args([*TINY, "--dataset", "wds/x", "--data-dir", str(tmp_path), "--aug-repeats", "3"])
+
+
+def test_aug_repeats_on_two_processes(tmp_path: Path):
+    """Each process reads its own share of the repeated order (Accelerate does not shard it again): 128 images
+    -> 64 samples per process and epoch, 4 updates of 16, as without repeats; WE stays identical on both ranks."""
+    from test_train import _free_port
+
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_free_port())]
+    out = run_train([*TINY, *DIGITS, "-b", "16", "--epochs", "2", "--aug-repeats", "3", "--log-interval", "1",
+                     "--weight-evolution", "--output", str(tmp_path), "--experiment", "rep"], cwd=tmp_path,
+                    launcher=launcher, env={"ACCELERATE_USE_CPU": "1"})
+    assert "Train: 0 [   3/4 (100%)]" in out and "[   4/" not in out
+    assert "parameters, BN statistics identical on 2 ranks" in out
