@@ -261,6 +261,8 @@ def start(t: Trainer, resumed: dict[str, Any] | None) -> int:
             _logger.warning(f"repaired {path}: the checkpoint save of epoch {start_epoch - 1} was interrupted")
     t.model, t.optimizer = acc.prepare(t.model, t.optimizer)
     t.we = bind_evolution(acc, t.model, t.we)  # WE edits the parameters that train (FSDP shards them in prepare)
+    if resumed is not None and state.optimizer_after_prepare(acc):  # into the sharded parameters (FSDP)
+        state.restore_optimizer(t, resumed)
     if resumed is not None and acc.scaler is not None and resumed.get("scaler") is not None:
         acc.scaler.load_state_dict(resumed["scaler"])
     if args.torchcompile:

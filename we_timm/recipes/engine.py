@@ -7,6 +7,7 @@ arguments or writes files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -23,9 +24,10 @@ from timm.models import model_parameters
 from torch import nn
 from tqdm import tqdm
 
-from ..evolution import WeightEvolution
+from ..evolution import WeightEvolution, is_dtensor
 from .data import sample_seed, seed_everything
 from .errors import DataError, NonFiniteLossError, RankMismatchError, read_batches
+from .shards import is_sharded
 from .state import CheckpointKeeper, ResumePoint, save_recovery
 
 _logger = logging.getLogger(__name__)
@@ -42,12 +44,23 @@ def check_backend(acc: Accelerator, args: argparse.Namespace) -> None:
     """Refuse what this Accelerate setup cannot do, before anything is built or written.
 
     DeepSpeed keeps the fp32 master weights inside its optimizer: WE would edit copies that do not train.
-    FSDP: WE itself handles sharded parameters, but checkpoints here are written from the main process's
-    `state_dict()`, which would not gather them. SyncBatchNorm runs on CUDA devices only.
+    FSDP runs as version 2 (`fully_shard`, DTensor parameters: what WE, the checkpoint gather of `shards` and
+    the rank check read); version 1's flat parameters are refused. Under FSDP the EMA (an unsharded copy
+    timm updates from the parameters) and `--clip-mode value` / `agc` are refused too (Accelerate has no
+    clip_grad_value_ for FSDP; timm's AGC clamps a DTensor norm in place, which DTensor refuses).
+    SyncBatchNorm runs on CUDA devices only.
     """
     if acc.distributed_type == DistributedType.FSDP:
-        raise ValueError("train.py cannot write FSDP-sharded checkpoints yet: use DDP (WeightEvolution itself "
-                         "works on FSDP2 shards in your own loop)")
+        version = int(getattr(acc.state.fsdp_plugin, "fsdp_version", 1) or 1)
+        if version != 2:
+            raise ValueError(f"train.py runs FSDP version 2 only, this is version {version}: set fsdp_version: 2 "
+                             "in the accelerate config (or accelerate launch --fsdp_version 2)")
+        if args.model_ema:
+            raise ValueError("--model-ema does not run under FSDP (the EMA would be an unsharded copy of sharded "
+                             "parameters): train without it, or use DDP")
+        if args.clip_grad is not None and args.clip_mode != "norm":  # value: Accelerate refuses; agc: timm's
+            raise ValueError(f"--clip-mode {args.clip_mode} does not run under FSDP (sharded gradients): "
+                             "use --clip-mode norm")  # in-place clamp of a DTensor norm fails
     if args.weight_evolution and acc.distributed_type == DistributedType.DEEPSPEED:
         raise ValueError("--weight-evolution does not run under DeepSpeed: its fp32 master weights live in the "
                          "DeepSpeed optimizer, where WE cannot edit them; use DDP or FSDP (accelerate config)")
@@ -230,9 +243,21 @@ def check_loss(t: Trainer, sums: torch.Tensor, epoch: int, update_idx: int) -> t
 
 
 
-@torch.inference_mode()
-def evaluate(model, loader, accelerator: Accelerator, *, channels_last: bool = False, progress: bool = True,
-             dtype: torch.dtype | None = None, inputs_fn: Callable | None = None) -> dict[str, float]:
+def inference(model: nn.Module) -> contextlib.AbstractContextManager:
+    """`torch.inference_mode()`, or `torch.no_grad()` for a model sharded by FSDP2: under inference mode its
+    forward all-gathers into buffers that become inference tensors, which the next training forward cannot
+    write ("Inplace update to inference tensor outside InferenceMode")."""
+    return torch.no_grad() if is_sharded(model) else torch.inference_mode()
+
+
+def evaluate(model, loader, accelerator: Accelerator, **kwargs: Any) -> dict[str, float]:
+    """`evaluate_batches` under `inference(model)`."""
+    with inference(model):
+        return evaluate_batches(model, loader, accelerator, **kwargs)
+
+
+def evaluate_batches(model, loader, accelerator: Accelerator, *, channels_last: bool = False, progress: bool = True,
+                     dtype: torch.dtype | None = None, inputs_fn: Callable | None = None) -> dict[str, float]:
     """Mean cross-entropy, top-1 and top-5 (%) over every sample exactly once, identical on all processes.
 
     train.py and validate.py both call this, so validate.py reproduces train.py's numbers: logits and
@@ -293,11 +318,15 @@ def checksums(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
 
 def synced_tensors(t: Trainer) -> list[tuple[str, torch.Tensor]]:
     """What every rank holds bit-identically after a WE step: the parameters, the EMA's parameters, and with
-    --dist-bn the BN running statistics of both (timm's distribute_bn syncs exactly those)."""
+    --dist-bn the BN running statistics of both (timm's distribute_bn syncs exactly those).
+
+    Parameters sharded by FSDP2 (DTensor) are left out: each element has one owner rank, so there is nothing
+    for ranks to disagree on (WE computes the whole value on every rank and each keeps its own slice);
+    BN statistics stay unsharded buffers and are compared."""
     models = [("", t.raw_model)] + ([("ema.", t.model_ema.module)] if t.model_ema is not None else [])
     items = []
     for prefix, model in models:
-        items += [(prefix + n, p) for n, p in model.named_parameters()]
+        items += [(prefix + n, p) for n, p in model.named_parameters() if not is_dtensor(p)]
         if t.args.dist_bn:
             items += [(prefix + n, b) for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
     return items
@@ -307,6 +336,10 @@ def check_ranks_agree(t: Trainer, epoch: int) -> None:
     """All-gather checksums of `synced_tensors`; RankMismatchError naming the tensors if ranks differ."""
     acc = t.accelerator
     items = synced_tensors(t)
+    if not items:  # every parameter sharded and no --dist-bn: nothing is replicated
+        _logger.info(f"WE step {epoch}: parameters sharded over {acc.num_processes} ranks, nothing replicated to "
+                     "compare")
+        return
     gathered = acc.gather(checksums(v for _, v in items)[None]).view(acc.num_processes, -1)
     differs = (gathered != gathered[0]).any(0).tolist()
     if any(differs):
@@ -315,22 +348,36 @@ def check_ranks_agree(t: Trainer, epoch: int) -> None:
             f"after the weight-evolution step of epoch {epoch}, ranks hold different values "
             f"({len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
         )
+    sharded = " (sharded parameters excepted)" if is_sharded(t.raw_model) else ""
     _logger.info(f"WE step {epoch}: parameters{', BN statistics' if t.args.dist_bn else ''}"
-                 f"{' and EMA' if t.model_ema is not None else ''} identical on {acc.num_processes} ranks")
+                 f"{' and EMA' if t.model_ema is not None else ''} identical on {acc.num_processes} ranks{sharded}")
 
 
 def zero_changed_state(optimizer: Any, before: dict[nn.Parameter, torch.Tensor]) -> int:
     """Zero the optimizer state (SGD momentum, Adam moments: per-element tensors shaped like the parameter) of
-    every element whose value differs from `before`; returns the number of elements reset."""
+    every element whose value differs from `before`; returns the number of elements reset.
+
+    FSDP2 shards (DTensor) are compared and zeroed shard by shard on each rank (parameter, `before` and the
+    state share the placement); the count is then summed over the shards' ranks (a collective)."""
     state = getattr(optimizer, "optimizer", optimizer).state
-    reset = 0
+    reset, mesh = torch.zeros((), dtype=torch.int64), None
     for p, old in before.items():
-        changed = p.detach() != old
-        buffers = [v for v in state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
+        if is_dtensor(p):
+            mesh = p.device_mesh
+        changed = _local(p.detach()) != _local(old)
+        buffers = [_local(v) for v in state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
         for v in buffers:
             v[changed] = 0
-        reset += int(changed.sum()) if buffers else 0
-    return reset
+        reset += changed.sum().cpu() if buffers else 0
+    if mesh is not None:  # over the shard dimension (the last): one replica's whole count
+        reset = reset.to(mesh.device_type)
+        torch.distributed.all_reduce(reset, group=mesh.get_group(mesh.ndim - 1))
+    return int(reset)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view sharing its storage), or `t`."""
+    return t.to_local() if is_dtensor(t) else t
 
 
 def evolve(t: Trainer, epoch: int) -> None:

@@ -32,7 +32,7 @@ import torch
 from timm import utils
 
 from ..config import WEConfig
-from ..evolution import WeightEvolution
+from ..evolution import WeightEvolution, is_dtensor
 from ..plan import ROW_FIELDS, WEPlan
 from .args import ArgumentParser, add_we_args
 from .checkpoint import create_model_from_checkpoint, is_safetensors_file, torch_load
@@ -132,14 +132,20 @@ def summary_table(plan: WEPlan, top: int = 10) -> str:
 
 def write_before_step(t: Any, epoch: int) -> None:
     """train.py `--we-inspect-every N`: `we_inspect/epoch_<epoch>.csv/.png` in the run folder (main process),
-    for 0-based epochs N-1, 2N-1, ..., before that epoch's WE step. Reads the weights only."""
+    for 0-based epochs N-1, 2N-1, ..., before that epoch's WE step. Reads the weights only. Under FSDP2 every
+    rank plans (reading sharded parameters whole is a collective) and the main process writes."""
     every = getattr(t.args, "we_inspect_every", 0)
-    if t.we is None or not every or t.out_dir is None or (epoch + 1) % every:
+    if t.we is None or not every or (epoch + 1) % every:
+        return
+    if t.out_dir is None and not any(is_dtensor(u.param) for u in t.we.units):
+        return
+    plan = t.we.plan(epoch)
+    if t.out_dir is None:
         return
     folder = os.path.join(t.out_dir, "we_inspect")
     os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, f"epoch_{epoch}")
-    write_report(t.we.plan(epoch), stem + ".csv", stem + ".png",
+    write_report(plan, stem + ".csv", stem + ".png",
                  f"{t.args.model}, WE plan before the step of epoch {epoch}")
 
 

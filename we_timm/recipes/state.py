@@ -19,12 +19,13 @@ import re
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 
 from .checkpoint import (SPLIT_BN, atomic_save, ema_sibling, is_safetensors_file, load_into_model, read_metadata,
                          save_safetensors, torch_load)
 from .errors import CheckpointError, one_line
 from .files import json_safe, link_or_copy, remove
+from .shards import full_model_state, full_optimizer_state, is_sharded, load_full_optimizer_state
 
 if TYPE_CHECKING:
     from .engine import Trainer
@@ -212,10 +213,21 @@ def check_same_start(num_processes: int, resume: str, state: dict[str, Any] | No
 # ----------------------------------------------------------------------------- saving and restoring a Trainer
 
 
-def training_state(t: Trainer, epoch: int, metric: float | None = None) -> dict[str, Any]:
+def full_state(t: Trainer) -> tuple[dict, dict] | None:
+    """(model state_dict, optimizer state_dict) as checkpoints hold them, on the process that writes; None on
+    the others. Collective under FSDP2 (every rank must call it): the sharded parameters and optimizer state
+    are gathered whole (`shards`); otherwise the module's and the optimizer's own `state_dict()`."""
+    if t.out_dir is None and not is_sharded(t.raw_model):
+        return None
+    model = full_model_state(t.raw_model)
+    optimizer = full_optimizer_state(t.raw_model, t.optimizer)
+    return None if t.out_dir is None else (model, optimizer)
+
+
+def training_state(t: Trainer, epoch: int, metric: float | None, full: tuple[dict, dict]) -> dict[str, Any]:
     """Everything --resume needs, loadable with `torch.load(weights_only=True)`, in timm's checkpoint layout
     (`state_dict`, `state_dict_ema`, `optimizer`, `epoch`, `arch`, `metric`, version 2): timm's own
-    `load_checkpoint` / validate.py read it."""
+    `load_checkpoint` / validate.py read it. `full`: what `full_state` returned."""
     scaler = t.accelerator.scaler
     return {
         "format": STATE_FORMAT,
@@ -224,9 +236,9 @@ def training_state(t: Trainer, epoch: int, metric: float | None = None) -> dict[
         "arch": t.args.model,
         "metric": metric,
         "num_updates": t.num_updates,
-        "state_dict": t.raw_model.state_dict(),
+        "state_dict": full[0],
         "state_dict_ema": None if t.model_ema is None else t.model_ema.module.state_dict(),
-        "optimizer": t.optimizer.state_dict(),
+        "optimizer": full[1],
         "scheduler": json_safe(t.scheduler.state_dict()),  # informative: rebuilt from args on resume
         "scaler": None if scaler is None else scaler.state_dict(),
         "we": None if t.we is None else t.we.state_dict(),
@@ -241,19 +253,21 @@ def training_state(t: Trainer, epoch: int, metric: float | None = None) -> dict[
 
 
 def save_checkpoint(t: Trainer, epoch: int, metrics: dict[str, dict]) -> None:
-    """The main process writes `last` (weights and state) and the kept copies; the others write nothing."""
-    if t.out_dir is None:
+    """The main process writes `last` (weights and state) and the kept copies; the others write nothing.
+    Collective under FSDP2 (`full_state`)."""
+    full = full_state(t)
+    if full is None:
         return
 
-    def weights(module: torch.nn.Module, kind: str) -> tuple[dict, dict]:
-        sd = {k: v.detach().cpu() for k, v in module.state_dict().items() if SPLIT_BN not in k}  # training-only
+    def weights(sd: dict[str, torch.Tensor], kind: str) -> tuple[dict, dict]:
+        sd = {k: v.detach().cpu() for k, v in sd.items() if SPLIT_BN not in k}  # --split-bn's: training-only
         return sd, {**t.meta, "epoch": epoch, "metrics": metrics[kind], "ema": kind == "ema"}
 
-    files = {"model": weights(t.raw_model, "model")}
+    files = {"model": weights(full[0], "model")}
     if t.model_ema is not None:
-        files["ema"] = weights(t.model_ema.module, "ema")
+        files["ema"] = weights(t.model_ema.module.state_dict(), "ema")
     metric = metrics["ema" if t.model_ema is not None else "model"][t.args.eval_metric]
-    if t.keeper.save(epoch, metric, files, lambda: training_state(t, epoch, metric)):
+    if t.keeper.save(epoch, metric, files, lambda: training_state(t, epoch, metric, full)):
         _logger.info(f"New best {t.args.eval_metric} {metric:.4f} at epoch {epoch}")
     recovery = t.keeper.path(RECOVERY, STATE_EXT)
     if os.path.exists(recovery):  # older than the epoch state now on disk
@@ -264,25 +278,23 @@ def save_recovery(t: Trainer, epoch: int, updates: int, sums: torch.Tensor) -> N
     """Collective: the training state `updates` updates into `epoch`, as `recovery.pth.tar` (replacing the
     previous one atomically), written by the main process; timm's --recovery-interval."""
     every = gather_object([sums.tolist()]) if t.accelerator.num_processes > 1 else [sums.tolist()]
-    if t.out_dir is None:
+    full = full_state(t)
+    if full is None:
         return
-    recovery = training_state(t, epoch - 1)
+    recovery = training_state(t, epoch - 1, None, full)
     recovery["recovery"] = {"epoch": epoch, "updates": updates, "sums": every}
     atomic_save(recovery, t.keeper.path(RECOVERY, STATE_EXT))
 
 
 def restore_state(t: Trainer, state: dict[str, Any]) -> int:
-    """Load a training state (model weights already in) into the unprepared objects; returns the next epoch."""
+    """Load a training state (model weights already in) into the unprepared objects; returns the next epoch.
+    Under FSDP the optimizer state is left for `restore_optimizer` after `prepare`."""
     if t.model_ema is not None and model_weights(state, ema=True) is not None:
         load_into_model(t.model_ema.module, model_weights(state, ema=True))
     elif t.model_ema is not None:
         _logger.warning("the checkpoint has no EMA weights; EMA starts from the resumed model weights")
-    if not t.args.no_resume_opt:
-        try:
-            t.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"cannot restore the optimizer state of {t.args.resume} into --opt {t.args.opt}: "
-                             f"{one_line(e)}; pass --no-resume-opt to start the optimizer afresh") from None
+    if not optimizer_after_prepare(t.accelerator):
+        restore_optimizer(t, state)
     if t.we is not None and state.get("we") is not None:
         t.we.load_state_dict(state["we"])
     elif t.we is not None:
@@ -304,6 +316,25 @@ def restore_state(t: Trainer, state: dict[str, Any]) -> int:
         t.resume_point = ResumePoint(int(recovery["updates"]), list(ranks[acc.process_index]))
     warn_changed_args(t.args, state.get("args", {}))
     return int(state["epoch"]) + 1
+
+
+def optimizer_after_prepare(acc: Any) -> bool:
+    """Under FSDP the optimizer state is loaded after `prepare`: it replaces the parameters by sharded ones
+    (the optimizer's included) and would leave state keyed by the old ones behind. Elsewhere it is loaded
+    before, as it always was (a bad state is refused before the run folder is touched)."""
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def restore_optimizer(t: Trainer, state: Mapping[str, Any]) -> None:
+    """The optimizer state of `state` (unless --no-resume-opt), one layout whatever saved it (`shards`):
+    into sharded parameters every rank loads the whole state and keeps its shards (collective)."""
+    if t.args.no_resume_opt:
+        return
+    try:
+        load_full_optimizer_state(t.raw_model, t.optimizer, state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"cannot restore the optimizer state of {t.args.resume} into --opt {t.args.opt}: "
+                         f"{one_line(e)}; pass --no-resume-opt to start the optimizer afresh") from None
 
 
 # ----------------------------------------------------------------------------- which checkpoints are kept
