@@ -155,4 +155,4 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     assert argv[0] == "--fault", "usage: fault_runner.py --fault ACTION:POINT:EPOCH[:RANK] <train.py arguments>"
     install(argv[1])
-    sys.exit(train.cli(argv[2:]))
+    train.errors.exit_process(train.cli(argv[2:]))  # as train.py ends

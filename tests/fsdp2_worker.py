@@ -33,6 +33,7 @@ from helpers import perturb  # noqa: E402
 from we_timm import WEConfig, WeightEvolution  # noqa: E402
 from we_timm.recipes import engine, state  # noqa: E402
 from we_timm.recipes.checkpoint import atomic_save, load_into_model, torch_load  # noqa: E402
+from we_timm.recipes.errors import exit_process  # noqa: E402
 
 CONFIGS = {
     "paper": WEConfig(rate=0.3, gamma=0.5, layers=("conv", "norm", "linear")),
@@ -269,8 +270,12 @@ def main(out: str, mode: str) -> None:
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(report, f, indent=1)
+    dist.barrier()  # no rank leaves while another still has a collective in flight
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "we")
+    # train.py's exit: no interpreter teardown. A gloo thread still joinable when C++ statics are destroyed
+    # aborts the process ("terminate called without an active exception", SIGABRT; seen once on CI, rank 0).
+    exit_process(0)
