@@ -26,7 +26,7 @@ from typing import Any
 import timm
 import torch
 import yaml
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from timm import utils
 from timm.data import Mixup, resolve_data_config
@@ -127,14 +127,15 @@ def build_loss(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, M
 
 
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
-    """Accelerate: `--amp` overrides the accelerate config's mixed precision; shuffles seeded by (seed, epoch)."""
+    """Accelerate: `--amp` overrides the accelerate config's mixed precision. The loaders' order and augmentation
+    come from `data.EpochShuffle` / `SeededSamples` (seeded by (seed, epoch, index)), so Accelerate is left no
+    sampler to re-seed."""
     try:
         acc = Accelerator(
             mixed_precision=mixed_precision(args.amp, args.amp_dtype),
             gradient_accumulation_steps=args.grad_accum_steps,
             log_with="tensorboard" if args.log_tensorboard else None,
             project_dir=args.output or "./output/train",  # the run folder is set once created (make_output_dir)
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
             step_scheduler_with_optimizer=False,
             kwargs_handlers=[] if args.dist_timeout is None else [
                 InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))],

@@ -300,7 +300,9 @@ def _we_train_args(parser):
 def _misc_args(parser):
     g = parser.add_argument_group("Miscellaneous parameters")
     g.add_argument("--seed", type=int, default=42, metavar="S", help="random seed (default: 42)")
-    g.add_argument("--worker-seeding", type=str, default="all", choices=("all", "part"), help="worker seed mode (default: all)")
+    g.add_argument("--worker-seeding", type=str, default="all", choices=("all", "part"),
+                   help="timm's worker seed mode; it only changes streaming (wds/, hfds/, ...) sets: every sample of "
+                        "a map-style set is seeded from (seed, epoch, index) whatever the worker (default: all)")
     g.add_argument("--log-interval", type=int, default=50, metavar="N", help="updates between training log lines")
     g.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
                    help="number of best checkpoints to keep (default: 10)")
