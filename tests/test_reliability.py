@@ -509,8 +509,9 @@ def test_ctrl_c_exits_130_leaving_complete_files(tmp_path: Path):
     file loadable; `--resume auto` then continues."""
     argv = [sys.executable, str(ROOT / "train.py"), *TINY, *DIGITS, "--epochs", "40", "--output", str(tmp_path),
             "--experiment", "c"]
+    # SIGINT as a terminal delivers it, even where this suite runs as a background job (which ignores SIGINT)
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=subprocess_env())
+                            env=subprocess_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (tmp_path / "c" / "checkpoint-1.pth.tar").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
