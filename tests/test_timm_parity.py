@@ -59,7 +59,8 @@ def test_resume_a_timm_checkpoint(tmp_path: Path):
     optimizer = create_optimizer_v2(model, "sgd", lr=0.05, weight_decay=2e-5, momentum=0.9)  # as timm's train.py
     model(torch.randn(4, 3, 32, 32)).sum().backward()
     optimizer.step()
-    timm_args = argparse.Namespace(**{**yaml.safe_load(TIMM_ARGS.read_text()), "num_classes": 10, "epochs": 3})
+    timm_args = argparse.Namespace(**{**yaml.safe_load(TIMM_ARGS.read_text()), "num_classes": 10, "epochs": 3,
+                                      "data_dir": str(tmp_path)})  # the fixture's /tmp/tf/data exists nowhere else
     (tmp_path / "timm").mkdir()
     saver = CheckpointSaver(model, optimizer, args=timm_args, model_ema=ModelEmaV3(model),
                             checkpoint_dir=str(tmp_path / "timm"), recovery_dir=str(tmp_path / "timm"))
