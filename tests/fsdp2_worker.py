@@ -188,7 +188,7 @@ def state_case(name: str, mesh, folder: str) -> dict:
     backward(sharded, x, y)
     norms = [whole_of(torch.nn.utils.clip_grad_norm_(m.parameters(), 1e9)) for m in (whole, sharded)]
     r["clip_norm"] = float(norms[0])  # a sum over shards vs one sum: equal up to float rounding, so relative
-    r["clip_norm_rel_diff"] = float((norms[0] - norms[1]).abs() / norms[0].abs().clamp_min(1e-30))
+    r["clip_norm_rel_diff"] = float((norms[0] - norms[1]).abs() / norms[0].clamp_min(1e-30))  # a norm is >= 0
     saved_grads = [p.grad.clone() for p in sharded.parameters()], [p.grad.clone() for p in whole.parameters()]
     adaptive_clip_grad(list(whole.parameters()), clip_factor=0.01)
     try:

@@ -109,7 +109,8 @@ def test_fsdp2_checkpoints_hold_the_whole_state_and_resume_anywhere(tmp_path: Pa
             assert r[key]["keys_equal"] and r[key]["bitwise_equal"] and r[key]["max_abs_diff"] == 0.0, (case, key)
         for key in ("saved_optimizer", "resumed_plain_optimizer", "after_we_optimizer"):
             assert r[key]["groups_equal"] and r[key]["params"] == r["params"], (case, key)
-        assert r["eval_output_equal"] and r["clip_norm_rel_diff"] < 1e-5, (case, r)  # float32 rounding
+        ulps = r["clip_norm_rel_diff"] / torch.finfo(torch.float32).eps  # summation order: a few float32 ulps
+        assert r["eval_output_equal"] and ulps <= 4, (case, r)
         assert r["we_opt_state_reset"][0] == r["we_opt_state_reset"][1] > 0, (case, r)  # same count as unsharded
         assert r["rank_check"] == "agree (0 compared)" and r["rank_check_dist_bn"].startswith("agree ("), (case, r)
         assert r["rank_check_dist_bn_broken"].startswith("RankMismatchError"), (case, r)
