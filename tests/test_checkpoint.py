@@ -83,6 +83,28 @@ def test_save_overwrites_atomically_and_needs_parent(tmp_path, model):
     assert sorted(os.listdir(tmp_path)) == ["last.safetensors"]
 
 
+def test_training_states_skip_the_zip_checksums_torch_load_never_reads(tmp_path, model):
+    # torch.save's CRC32 of every record costs about a quarter of the save; torch.load does not check them, and
+    # a truncated file is refused either way. The process-wide option is left as it was.
+    import zipfile
+
+    if not hasattr(torch.serialization, "get_crc32_options"):
+        pytest.skip("torch < 2.6 always writes the checksums")
+    state = {"state_dict": model.state_dict(), "epoch": 3}
+    atomic_save(state, tmp_path / "last.pth.tar")
+    with zipfile.ZipFile(tmp_path / "last.pth.tar") as archive:
+        tensors = [i for i in archive.infolist() if "/data/" in i.filename and i.file_size > 0]
+        assert tensors and all(i.CRC == 0 for i in tensors)
+    assert torch.serialization.get_crc32_options() is True
+    loaded = torch.load(tmp_path / "last.pth.tar", weights_only=True)
+    assert loaded["epoch"] == 3
+    _same(loaded["state_dict"], state["state_dict"])
+    blob = (tmp_path / "last.pth.tar").read_bytes()
+    (tmp_path / "cut.pth.tar").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_weights(tmp_path / "cut.pth.tar")
+
+
 @pytest.mark.parametrize("key,use_ema,expect", [
     ("state_dict", False, "plain"),
     ("state_dict", True, "ema"),
