@@ -44,7 +44,7 @@ from we_timm.recipes.args import get_args_parser, mixup_active, parse_args, we_c
 from we_timm.recipes.checkpoint import check_pretrained_reachable, load_into_model, load_weights
 from we_timm.recipes.data import DeviceInputs, build_train_loaders, load_train_data, prepare_loader, report_bad_images
 from we_timm.recipes.engine import (Trainer, bind_evolution, check_backend, check_precision, evaluate, evolve,
-                                    mixed_precision, train_one_epoch)
+                                    mixed_precision, steady_malloc, train_one_epoch)
 
 _logger = logging.getLogger("train")
 
@@ -364,7 +364,8 @@ def fit(args: argparse.Namespace, acc: Accelerator) -> dict[str, Any]:
 def cli(argv: list[str] | None = None) -> int:
     """Entry point (`python train.py`, `we-train`): bad input ends with one `error: ...` line and exit status 1
     (tracebacks with --debug). OSError included: unreadable data met mid-run, a full disk; checkpoints on disk
-    stay complete (atomic writes)."""
+    stay complete (atomic writes). glibc malloc gets steady thresholds (`steady_malloc`)."""
+    steady_malloc()
     with errors.sigterm_as_error():
         return errors.run(lambda a: main(parse_args(a)), argv)
 

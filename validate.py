@@ -40,7 +40,7 @@ from we_timm.recipes.args import get_validate_parser as get_args_parser
 from we_timm.recipes.checkpoint import (check_pretrained_reachable, checkpoint_files, create_model_from_checkpoint,
                                         local_models, model_name)
 from we_timm.recipes.data import DeviceInputs, eval_dataset, prepare_loader
-from we_timm.recipes.engine import check_precision, evaluate, mixed_precision
+from we_timm.recipes.engine import check_precision, evaluate, mixed_precision, steady_malloc
 from we_timm.recipes.errors import CheckpointError, DataError
 
 _logger = logging.getLogger("validate")
@@ -239,7 +239,9 @@ def main(args: argparse.Namespace) -> dict[str, Any] | list[dict[str, Any]]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Entry point (`python validate.py`, `we-validate`): a malformed command line also ends with one `error:` line."""
+    """Entry point (`python validate.py`, `we-validate`): a malformed command line also ends with one `error:` line.
+    glibc malloc gets steady thresholds (`steady_malloc`)."""
+    steady_malloc()
     return errors.run(lambda a: main(get_args_parser().parse_args(a)), argv)
 
 
