@@ -842,9 +842,9 @@ def test_steady_malloc_keeps_freed_memory_for_the_next_step():
     # thresholds it depends on the process's history (a large block freed early slides them up); with a MALLOC_*
     # variable set, the user's choice wins: steady_malloc changes nothing, and at glibc's initial 128 KiB trim
     # threshold every step faults its 45 MiB in again.
-    code = ("import resource, sys, torch\n"
+    code = ("import resource, torch\n"
             "from we_timm.recipes.engine import steady_malloc\n"
-            "applied = steady_malloc() if sys.argv[1] == 'steady' else None\n"
+            "applied = steady_malloc()\n"
             "big = torch.ones(20 << 20, dtype=torch.uint8); del big\n"
             "faults = []\n"
             "for step in range(5):\n"
@@ -856,7 +856,7 @@ def test_steady_malloc_keeps_freed_memory_for_the_next_step():
     runs = {}
     env = {k: v for k, v in subprocess_env().items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     for name, extra in (("steady", {}), ("user", {"MALLOC_TRIM_THRESHOLD_": "131072"})):
-        proc = subprocess.run([sys.executable, "-c", code, "steady"], capture_output=True, text=True, timeout=120,
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                               env={**env, **extra})
         assert proc.returncode == 0, proc.stderr[-2000:]
         applied, *faults = proc.stdout.split()

@@ -51,9 +51,9 @@ def steady_malloc() -> bool:
     on digits, 4 epochs, 1 worker, 2 CPU cores: 658k-697k page faults and 2.8-3.3 s of system time without,
     266k-284k and 2.1-2.6 s with (3 alternating pairs; up to 1.2M and 1.9M faults seen in other runs of ours and
     of timm's train.py). Which state a run got depended on its history; now it is the same every time. Data
-    workers forked afterwards inherit it. Nothing is changed when the allocator is
-    not glibc's, when another one is preloaded, or when MALLOC_* / GLIBC_TUNABLES are set: the user's choice
-    wins. For the entry point of a script only (a process-wide setting); returns whether it was applied.
+    workers forked afterwards inherit it. Nothing is changed when the allocator is not glibc's, when another
+    one is preloaded, or when MALLOC_* / GLIBC_TUNABLES are set: the user's choice wins. For the entry point of
+    a script only (a process-wide setting); returns whether it was applied.
     """
     if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
         return False
