@@ -42,9 +42,10 @@ from we_timm import WeightEvolution
 from we_timm.recipes import errors, files, inspect, state
 from we_timm.recipes.args import get_args_parser, mixup_active, parse_args, we_config_from_args  # noqa: F401
 from we_timm.recipes.checkpoint import check_pretrained_reachable, load_into_model, load_weights
-from we_timm.recipes.data import DeviceInputs, build_train_loaders, load_train_data, prepare_loader, report_bad_images
-from we_timm.recipes.engine import (Trainer, bind_evolution, check_backend, check_precision, evaluate, evolve,
-                                    mixed_precision, steady_malloc, train_one_epoch)
+from we_timm.recipes.data import (DeviceInputs, build_train_loaders, load_train_data, pin_memory, prepare_loader,
+                                  report_bad_images)
+from we_timm.recipes.engine import (Trainer, bind_evolution, check_backend, check_precision, cuda_settings, evaluate,
+                                    evolve, loader_config, mixed_precision, steady_malloc, train_one_epoch)
 
 _logger = logging.getLogger("train")
 
@@ -127,9 +128,9 @@ def build_loss(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, M
 
 
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
-    """Accelerate: `--amp` overrides the accelerate config's mixed precision. The loaders' order and augmentation
-    come from `data.EpochShuffle` / `SeededSamples` (seeded by (seed, epoch, index)), so Accelerate is left no
-    sampler to re-seed."""
+    """Accelerate: `--amp` overrides the accelerate config's mixed precision; batches are copied to the device
+    without blocking (`loader_config`). The loaders' order and augmentation come from `data.EpochShuffle` /
+    `SeededSamples` (seeded by (seed, epoch, index)), so Accelerate is left no sampler to re-seed."""
     try:
         acc = Accelerator(
             mixed_precision=mixed_precision(args.amp, args.amp_dtype),
@@ -137,6 +138,7 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
             log_with="tensorboard" if args.log_tensorboard else None,
             project_dir=args.output or "./output/train",  # the run folder is set once created (make_output_dir)
             step_scheduler_with_optimizer=False,
+            dataloader_config=loader_config(),
             kwargs_handlers=[] if args.dist_timeout is None else [
                 InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))],
         )
@@ -171,6 +173,7 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
         model = convert_sync_batchnorm(model)
     args.num_classes = getattr(model, "num_classes", None) or args.num_classes or num_classes
     data_config = resolve_data_config(vars(args), model=model, verbose=acc.is_main_process)
+    args.pin_mem = pin_memory(args.pin_mem, acc.device)
     loaders = build_train_loaders(args, data_config, train_set, val_set, acc.process_index, acc.num_processes)
     loader_train, loader_eval = (prepare_loader(acc, loader) for loader in loaders)
     if len(loader_train) == 0:
@@ -326,6 +329,7 @@ def run_epochs(t: Trainer, start_epoch: int) -> None:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train; returns {"best": (metric, epoch) or None, "output": the run folder (main process) or None}."""
+    cuda_settings()  # timm's TF32 matmuls and cudnn.benchmark, with CUDA
     acc = build_accelerator(args)
     if not logging.root.handlers:
         utils.setup_default_logging()

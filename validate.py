@@ -39,8 +39,9 @@ from we_timm.recipes.args import DEFAULT_EVAL_BATCH_SIZE
 from we_timm.recipes.args import get_validate_parser as get_args_parser
 from we_timm.recipes.checkpoint import (check_pretrained_reachable, checkpoint_files, create_model_from_checkpoint,
                                         local_models, model_name)
-from we_timm.recipes.data import DeviceInputs, eval_dataset, prepare_loader
-from we_timm.recipes.engine import check_precision, evaluate, mixed_precision, steady_malloc
+from we_timm.recipes.data import DeviceInputs, eval_dataset, pin_memory, prepare_loader
+from we_timm.recipes.engine import (check_precision, cuda_settings, evaluate, loader_config, mixed_precision,
+                                    steady_malloc)
 from we_timm.recipes.errors import CheckpointError, DataError
 
 _logger = logging.getLogger("validate")
@@ -120,7 +121,8 @@ def build_dataset(args: argparse.Namespace, transform, metadata: dict[str, Any])
 
 
 def _accelerator(args: argparse.Namespace) -> Accelerator:
-    accelerator = Accelerator(mixed_precision=mixed_precision(args.amp, args.amp_dtype) or "no", cpu=args.cpu)
+    accelerator = Accelerator(mixed_precision=mixed_precision(args.amp, args.amp_dtype) or "no", cpu=args.cpu,
+                              dataloader_config=loader_config())
     check_precision(accelerator)
     return accelerator
 
@@ -196,7 +198,8 @@ def _validate(args: argparse.Namespace, model: torch.nn.Module, metadata: dict[s
     transform = create_transform(**data_config, is_training=False, use_prefetcher=args.prefetcher)
     dataset = build_dataset(args, transform, metadata)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                                         drop_last=False, collate_fn=fast_collate if args.prefetcher else None)
+                                         drop_last=False, collate_fn=fast_collate if args.prefetcher else None,
+                                         pin_memory=pin_memory(args.pin_mem, accelerator.device))
     inputs_fn = DeviceInputs(data_config, accelerator.device) if args.prefetcher else None  # as train.py
     # Only the loader is prepared (sharded per process); evaluation needs no DDP wrapper.
     model = model.to(accelerator.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
@@ -232,6 +235,7 @@ def _validate(args: argparse.Namespace, model: torch.nn.Module, metadata: dict[s
 
 def main(args: argparse.Namespace) -> dict[str, Any] | list[dict[str, Any]]:
     """Run `validate(args)` (or `validate_bulk`); bad inputs become `SystemExit("error: <one line>")` unless --debug."""
+    cuda_settings()  # timm's TF32 matmuls and cudnn.benchmark, with CUDA
     with errors.one_line_errors(args.debug):
         check_args(args)
         jobs = bulk_jobs(args)

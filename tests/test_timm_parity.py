@@ -76,6 +76,58 @@ def test_resume_a_timm_checkpoint(tmp_path: Path):
     assert meta["epoch"] == 2 and meta["we_config"] is not None
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stop(*_args, **_kwargs):
+    raise _Stop
+
+
+def test_cuda_runs_get_timms_settings_and_non_blocking_pinned_copies(monkeypatch):
+    """With CUDA, train.py and validate.py set what timm's scripts set (TF32 matmuls, cudnn.benchmark) before
+    anything else; batches are pinned by default on a CUDA device and copied to it without blocking. No GPU
+    here: CUDA is faked for the settings and the device is named for the pinning."""
+    import validate
+    from torch.backends import cuda, cudnn
+
+    from we_timm.recipes import data, engine
+
+    before = cuda.matmul.allow_tf32, cudnn.benchmark
+    try:
+        cuda.matmul.allow_tf32, cudnn.benchmark = False, False
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert not engine.cuda_settings() and (cuda.matmul.allow_tf32, cudnn.benchmark) == (False, False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert engine.cuda_settings() and (cuda.matmul.allow_tf32, cudnn.benchmark) == (True, True)
+    finally:
+        cuda.matmul.allow_tf32, cudnn.benchmark = before
+    monkeypatch.undo()
+    for script, first in ((train, "build_accelerator"), (validate, "check_args")):  # the settings come first
+        calls = []
+        monkeypatch.setattr(script, "cuda_settings", lambda calls=calls: calls.append(1))
+        monkeypatch.setattr(script, first, _stop)
+        with pytest.raises(_Stop):
+            script.main(argparse.Namespace(debug=True))
+        assert calls == [1], script.__name__
+    monkeypatch.undo()
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert (data.pin_memory(None, gpu), data.pin_memory(None, cpu)) == (True, False)
+    assert (data.pin_memory(False, gpu), data.pin_memory(True, cpu)) == (False, True)  # --no-pin-mem / --pin-mem
+    args = train.parse_args([*TINY, *DIGITS])
+    assert args.pin_mem is None  # resolved against the device in setup
+    acc = train.build_accelerator(args)
+    t, _ = train.setup(args, acc)
+    assert acc.non_blocking and t.loader_train._non_blocking and t.loader_eval._non_blocking
+    assert args.pin_mem is False and not t.loader_train.pin_memory  # a CPU run: nothing to pin for
+    args = train.parse_args([*TINY, *DIGITS, "--pin-mem"])
+    t, _ = train.setup(args, train.build_accelerator(args))
+    assert t.loader_train.pin_memory and t.loader_eval.pin_memory
+    vargs = validate.get_args_parser().parse_args(["--model", "test_resnet", "--no-pin-mem"])
+    assert validate._accelerator(vargs).non_blocking and vargs.pin_mem is False
+
+
 # ----------------------------------------------------------------------------- timm's flags, same meaning
 
 

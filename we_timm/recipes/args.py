@@ -314,7 +314,9 @@ def _misc_args(parser):
                    help="mixed precision (else the accelerate config decides)")
     g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
                    help="AMP dtype with --amp (default: float16)")
-    g.add_argument("--pin-mem", action="store_true", default=False, help="pin CPU memory in DataLoader")
+    g.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=None,
+                   help="pin the DataLoader's batches in CPU memory, for asynchronous copies to the device "
+                        "(default: on with a CUDA device)")
     g.add_argument("--no-prefetcher", action="store_true", default=False,
                    help="workers hand over normalised float images (default: uint8, normalised and erased on the "
                         "device, as timm's prefetcher)")
@@ -545,6 +547,8 @@ def get_validate_parser() -> argparse.ArgumentParser:
     group.add_argument("--prefetcher", action=argparse.BooleanOptionalAction, default=None,
                        help="uint8 images normalised on the device (timm's prefetcher); default: as the checkpoint "
                             "was trained (--no-prefetcher: normalised by the workers)")
+    group.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=None,
+                       help="pin batches in CPU memory for asynchronous copies to the device (default: on with CUDA)")
     group.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is present")
     group.add_argument("--results-file", default="", help="write the results row to this file")
     group.add_argument("--results-format", default="csv", choices=("csv", "json"), help="format of --results-file")

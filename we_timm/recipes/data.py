@@ -561,6 +561,12 @@ class DeviceInputs:
         return images if self.erase is None else self.erase(images)
 
 
+def pin_memory(flag: bool | None, device: torch.device) -> bool:
+    """`--pin-mem` / `--no-pin-mem`, else pinned with a CUDA device: pinned batches are what lets the
+    non-blocking host-to-device copy (`engine.loader_config`) run asynchronously."""
+    return device.type == "cuda" if flag is None else bool(flag)
+
+
 def prepare_loader(acc: Any, loader: torch.utils.data.DataLoader) -> Any:
     """`accelerator.prepare` for a loader: batches on the device, samples sharded over the processes. A
     streaming dataset's reader already reads only this rank's shards, and an --aug-repeats sampler only this
@@ -571,7 +577,7 @@ def prepare_loader(acc: Any, loader: torch.utils.data.DataLoader) -> Any:
     from accelerate.data_loader import prepare_data_loader
 
     return prepare_data_loader(loader, device=acc.device, num_processes=1, process_index=0, put_on_device=True,
-                               dispatch_batches=False)
+                               dispatch_batches=False, non_blocking=acc.non_blocking)
 
 
 def eval_dataset(name: str, root: str | None, split: str, transform: Callable, *, num_samples: int | None = None,

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DataLoaderConfiguration, DistributedType
 from timm import utils
 from timm.data import Mixup
 from timm.models import model_parameters
@@ -67,6 +67,28 @@ def steady_malloc() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
+
+
+def cuda_settings() -> bool:
+    """What timm's train.py and validate.py set on a machine with CUDA: TF32 matrix multiplies
+    (`torch.backends.cuda.matmul.allow_tf32`; convolutions run in TF32 by torch's own default) and cuDNN's
+    autotuner (`cudnn.benchmark`: the fastest convolution algorithm per input shape, timed at its first use).
+
+    Neither reaches the weight-evolution step (norms, sorts and element-wise arithmetic: no matmul, no
+    convolution) nor a CPU run; as with timm, runs on GPUs are then not bit-reproducible. Returns whether set.
+    """
+    if not torch.cuda.is_available():
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return True
+
+
+def loader_config() -> DataLoaderConfiguration:
+    """How Accelerate places batches on the device: with non-blocking copies, as timm's prefetcher. From pinned
+    memory (`--pin-mem`, the default with CUDA) the host then queues the next step's work without waiting for
+    the copy, nor for the step before it (a blocking copy waits for the whole queue). No-op on CPU."""
+    return DataLoaderConfiguration(non_blocking=True)
 
 
 def mixed_precision(amp: bool, amp_dtype: str | None) -> str | None:
