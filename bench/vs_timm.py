@@ -9,13 +9,16 @@ scripts with identical flags (resnet18, `-b 64 --opt sgd --lr 0.1 --sched cosine
 Per-epoch time, two ways: the median time between the moments epochs 1..N-1 reach each run's summary.csv
 (a full epoch: training, evaluation, checkpoint; polled every 5 ms), and (wall at N epochs - wall at 1 epoch)
 / (N - 1), what an extra epoch costs, start-up excluded (the difference of two noisy walls: the noisier one).
-Prints the median, min and max ratio ours / timm of each. timm's script is passed as an argument and never
-copied here. Run it on an otherwise idle machine: both sides slow down when other jobs share the cores.
+Prints the median, min and max ratio ours / timm of each, with a 95% bootstrap interval of the median (an
+interval that holds 1.00 means no difference this run could tell from noise). timm's script is passed as an
+argument and never copied here. Run it on an otherwise idle machine: both sides slow down when other jobs
+share the cores.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -77,6 +80,14 @@ def run(script: str, data: Path, out: Path, epochs: int, tag: str, timm: bool) -
     return seconds, rows
 
 
+def median_interval(ratios: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median ratio (pairs resampled with replacement): whether a
+    median off 1.00 is a difference or the machine's noise (one step of the same process varies by 25% here)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("timm_train", help="timm's train.py (from a pytorch-image-models checkout)")
@@ -112,8 +123,9 @@ def main() -> None:
          [(o6 - o1) / (t6 - t1) for o6, o1, t6, t1 in
           zip(walls["ours", n], walls["ours", 1], walls["timm", n], walls["timm", 1])]),
     ):
+        low, high = median_interval(ratios)
         print(f"ours/timm {name}: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, "
-              f"max {max(ratios):.3f} ({len(ratios)} pairs)")
+              f"max {max(ratios):.3f} ({len(ratios)} pairs; 95% bootstrap interval of the median {low:.3f}-{high:.3f})")
     for side in ("ours", "timm"):
         print(f"{side}: {n} epochs median {statistics.median(walls[side, n]):.1f} s, "
               f"1 epoch median {statistics.median(walls[side, 1]):.1f} s, "
