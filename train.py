@@ -42,8 +42,7 @@ from we_timm import WeightEvolution
 from we_timm.recipes import errors, files, inspect, state
 from we_timm.recipes.args import get_args_parser, mixup_active, parse_args, we_config_from_args  # noqa: F401
 from we_timm.recipes.checkpoint import check_pretrained_reachable, load_into_model, load_weights
-from we_timm.recipes.data import (DeviceInputs, build_train_loaders, load_train_data, pin_memory, prepare_loader,
-                                  report_bad_images)
+from we_timm.recipes.data import DeviceInputs, build_train_loaders, load_train_data, prepare_loader, report_bad_images
 from we_timm.recipes.engine import (Trainer, bind_evolution, check_backend, check_precision, cuda_settings, evaluate,
                                     evolve, loader_config, mixed_precision, steady_malloc, train_one_epoch)
 
@@ -173,8 +172,8 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
         model = convert_sync_batchnorm(model)
     args.num_classes = getattr(model, "num_classes", None) or args.num_classes or num_classes
     data_config = resolve_data_config(vars(args), model=model, verbose=acc.is_main_process)
-    args.pin_mem = pin_memory(args.pin_mem, acc.device)
-    loaders = build_train_loaders(args, data_config, train_set, val_set, acc.process_index, acc.num_processes)
+    loaders = build_train_loaders(args, data_config, train_set, val_set, acc.process_index, acc.num_processes,
+                                  device=acc.device)
     loader_train, loader_eval = (prepare_loader(acc, loader) for loader in loaders)
     if len(loader_train) == 0:
         raise ValueError(f"{len(train_set)} training images make no batch of {args.batch_size} per process")

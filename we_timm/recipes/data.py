@@ -476,13 +476,14 @@ def load_train_data(args: Any) -> tuple[Any, Any, int | None]:
 
 
 def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: Any, rank: int = 0,
-                        world: int = 1) -> tuple[Any, Any]:
+                        world: int = 1, device: torch.device = torch.device("cpu")) -> tuple[Any, Any]:
     """timm transforms and loaders (no prefetcher: Accelerate places batches; sharding happens in `prepare`).
 
     A map-style training set is read in `EpochShuffle` order through `SeededSamples`: every sample's
     augmentation is seeded from (seed, epoch, index), so workers can persist and a run resumed mid-epoch
     draws exactly what the uninterrupted run drew. `rank` / `world` place this process's --aug-repeats copies.
     --aug-splits wraps the set in timm's AugMixDataset (the clean image + augmented views of each sample).
+    `device`: where the batches go; pinned for a CUDA one unless --no-pin-mem (`pin_memory`).
     """
     from timm.data import AugMixDataset
 
@@ -493,7 +494,7 @@ def build_train_loaders(args: Any, data_config: dict, train_set: Any, val_set: A
         train_set = SeededSamples(train_set, args.seed)
     common = dict(
         input_size=data_config["input_size"], mean=data_config["mean"], std=data_config["std"],
-        num_workers=args.workers, pin_memory=args.pin_mem, use_prefetcher=not args.no_prefetcher,
+        num_workers=args.workers, pin_memory=pin_memory(args.pin_mem, device), use_prefetcher=not args.no_prefetcher,
         distributed=False, persistent_workers=True, device=torch.device("cpu"),
     )
     interpolation = args.train_interpolation
