@@ -289,6 +289,7 @@ def run_epochs(t: Trainer, start_epoch: int) -> None:
         loader, resume, t.resume_point = t.loader_train, t.resume_point, None
         if resume is not None:  # a recovery state: continue after its updates (the sampler skips, nothing is read)
             loader = acc.skip_first_batches(loader, resume.updates * args.grad_accum_steps)
+            loader._non_blocking = acc.non_blocking  # Accelerate's rebuilt loader leaves it out
         begin = time.perf_counter()
         train_metrics = train_one_epoch(epoch, t, loader, resume)
         seconds = time.perf_counter() - begin

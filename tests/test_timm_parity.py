@@ -16,6 +16,7 @@ from timm.optim import create_optimizer_v2
 
 import train
 from test_train import DIGITS, TINY, digits_run, read_csv, run_train  # noqa: F401  (digits_run: fixture)
+from we_timm.recipes import state
 from we_timm.recipes.checkpoint import load_weights
 from we_timm.recipes.state import load_state
 
@@ -84,11 +85,14 @@ def _stop(*_args, **_kwargs):
     raise _Stop
 
 
-def test_cuda_runs_get_timms_settings_and_non_blocking_pinned_copies(monkeypatch):
+def test_cuda_runs_get_timms_settings_and_non_blocking_pinned_copies(monkeypatch, fresh_accelerate_state,
+                                                                     digits_run: Path):  # noqa: F811
     """With CUDA, train.py and validate.py set what timm's scripts set (TF32 matmuls, cudnn.benchmark) before
-    anything else; batches are pinned by default on a CUDA device and copied to it without blocking. No GPU
-    here: CUDA is faked for the settings and the device is named for the pinning."""
+    anything else; batches are pinned by default on a CUDA device and copied to it without blocking (blocking
+    elsewhere: MPS). No GPU here: CUDA is faked for the settings, the device is named for the pinning, and the
+    scripts' loader config is swapped for the CUDA one (a no-op on CPU) to see it reach their loaders."""
     import validate
+    from accelerate.utils import DataLoaderConfiguration
     from torch.backends import cuda, cudnn
 
     from we_timm.recipes import data, engine
@@ -98,8 +102,10 @@ def test_cuda_runs_get_timms_settings_and_non_blocking_pinned_copies(monkeypatch
         cuda.matmul.allow_tf32, cudnn.benchmark = False, False
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         assert not engine.cuda_settings() and (cuda.matmul.allow_tf32, cudnn.benchmark) == (False, False)
+        assert not engine.loader_config().non_blocking
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         assert engine.cuda_settings() and (cuda.matmul.allow_tf32, cudnn.benchmark) == (True, True)
+        assert engine.loader_config().non_blocking
     finally:
         cuda.matmul.allow_tf32, cudnn.benchmark = before
     monkeypatch.undo()
@@ -115,17 +121,27 @@ def test_cuda_runs_get_timms_settings_and_non_blocking_pinned_copies(monkeypatch
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert (data.pin_memory(None, gpu), data.pin_memory(None, cpu)) == (True, False)
     assert (data.pin_memory(False, gpu), data.pin_memory(True, cpu)) == (False, True)  # --no-pin-mem / --pin-mem
+    for script in (train, validate):
+        monkeypatch.setattr(script, "loader_config", lambda: DataLoaderConfiguration(non_blocking=True))
     args = train.parse_args([*TINY, *DIGITS])
     acc = train.build_accelerator(args)
     t, _ = train.setup(args, acc)
     assert acc.non_blocking and t.loader_train._non_blocking and t.loader_eval._non_blocking
-    assert not t.loader_train.pin_memory and not t.loader_eval.pin_memory  # a CPU run: nothing to pin for
+    on_cuda = acc.device.type == "cuda"  # not here; on a GPU machine the default pins
+    assert t.loader_train.pin_memory == on_cuda and t.loader_eval.pin_memory == on_cuda
     assert args.pin_mem is None  # the device decides in each run: args.yaml does not carry this machine's choice
     args = train.parse_args([*TINY, *DIGITS, "--pin-mem"])
     t, _ = train.setup(args, train.build_accelerator(args))
     assert t.loader_train.pin_memory and t.loader_eval.pin_memory
-    vargs = validate.get_args_parser().parse_args(["--model", "test_resnet", "--no-pin-mem"])
-    assert validate._accelerator(vargs).non_blocking and vargs.pin_mem is False
+    assert "pin_mem" not in state.saved_args(str(digits_run / "last.pth.tar"))  # resumed: this machine's default
+    pinned = []
+    monkeypatch.setattr(validate, "pin_memory", lambda flag, device: pinned.append((flag, device.type)) or False)
+    vargs = validate.get_args_parser().parse_args(["--checkpoint", str(digits_run / "model_best.safetensors"),
+                                                   "--workers", "0", "--no-progress", "--num-samples", "8",
+                                                   "--pin-mem"])
+    assert validate._accelerator(vargs).non_blocking
+    validate.main(vargs)
+    assert pinned == [(True, "cpu")]
 
 
 # ----------------------------------------------------------------------------- timm's flags, same meaning

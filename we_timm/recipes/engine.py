@@ -85,10 +85,12 @@ def cuda_settings() -> bool:
 
 
 def loader_config() -> DataLoaderConfiguration:
-    """How Accelerate places batches on the device: with non-blocking copies, as timm's prefetcher. From pinned
-    memory (`--pin-mem`, the default with CUDA) the host then queues the next step's work without waiting for
-    the copy, nor for the step before it (a blocking copy waits for the whole queue). No-op on CPU."""
-    return DataLoaderConfiguration(non_blocking=True)
+    """How Accelerate places batches on the device: with CUDA, by non-blocking copies, as timm's prefetcher. From
+    pinned memory (`--pin-mem`, the default with CUDA) the host then queues the next step's work without waiting
+    for the copy, nor for the step before it (a blocking copy waits for the whole queue). Blocking elsewhere:
+    Accelerate drops the host batch right after starting the copy, which a non-blocking copy from unpinned
+    memory to Apple's MPS may still be reading; on a CUDA machine run on CPU it changes nothing."""
+    return DataLoaderConfiguration(non_blocking=torch.cuda.is_available())
 
 
 def mixed_precision(amp: bool, amp_dtype: str | None) -> str | None:

@@ -171,7 +171,7 @@ def saved_args(path: str) -> dict[str, Any]:
     """The arguments a training state was trained with, set to continue in the folder the state is in
     (even if it was moved): the defaults of a resumed run, below the CLI and YAML."""
     saved = {k: v for k, v in load_state(path, mmap=True).get("args", {}).items()
-             if k not in ("resume", "config", "start_epoch")}
+             if k not in ("resume", "config", "start_epoch", "pin_mem")}  # pin_mem: the machine's, not the run's
     folder = os.path.dirname(os.path.abspath(path))
     saved.update(output=os.path.dirname(folder), experiment=os.path.basename(folder))
     return saved
