@@ -127,8 +127,8 @@ def build_loss(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, M
 
 
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
-    """Accelerate: `--amp` overrides the accelerate config's mixed precision; batches are copied to the device
-    without blocking (`loader_config`). The loaders' order and augmentation come from `data.EpochShuffle` /
+    """Accelerate: `--amp` overrides the accelerate config's mixed precision; with CUDA, batches are copied to the
+    device without blocking (`loader_config`). The loaders' order and augmentation come from `data.EpochShuffle` /
     `SeededSamples` (seeded by (seed, epoch, index)), so Accelerate is left no sampler to re-seed."""
     try:
         acc = Accelerator(
