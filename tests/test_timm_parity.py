@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -81,6 +82,11 @@ class _Stop(Exception):
     pass
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(torch.arange(4))
+
+
 def _stop(*_args, **_kwargs):
     raise _Stop
 
@@ -134,6 +140,8 @@ def test_cuda_runs_get_timms_settings_and_non_blocking_pinned_copies(monkeypatch
     t, _ = train.setup(args, train.build_accelerator(args))
     assert t.loader_train.pin_memory and t.loader_eval.pin_memory
     assert "pin_mem" not in state.saved_args(str(digits_run / "last.pth.tar"))  # resumed: this machine's default
+    stream = torch.utils.data.DataLoader(_Stream(), batch_size=2)  # a streaming set: placed, not sharded, by us
+    assert data.prepare_loader(SimpleNamespace(device=cpu, non_blocking=True), stream)._non_blocking
     pinned = []
     monkeypatch.setattr(validate, "pin_memory", lambda flag, device: pinned.append((flag, device.type)) or False)
     vargs = validate.get_args_parser().parse_args(["--checkpoint", str(digits_run / "model_best.safetensors"),
