@@ -15,6 +15,7 @@ the last epoch); under DDP the ranks then verify they hold identical parameters.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -324,6 +325,13 @@ def run_epochs(t: Trainer, start_epoch: int) -> None:
                      f"top1 {eval_metrics['top1']:.2f}, top5 {eval_metrics['top5']:.2f} ({seconds:.1f}s training)")
 
 
+def release(t: Trainer) -> None:
+    """The `.safetensors` of `last` and `model_best` (+ `_ema`), from the training states on disk."""
+    written = state.write_release_files(t)
+    if written:
+        _logger.info(f"Wrote {', '.join(os.path.basename(p) for p in written)}")
+
+
 # ============================================================================ main
 
 
@@ -358,7 +366,13 @@ def fit(args: argparse.Namespace, acc: Accelerator) -> dict[str, Any]:
     if start_epoch >= t.num_epochs:
         _logger.warning(f"the run already completed its {t.num_epochs} epochs; pass a larger --epochs to train longer")
     with logging_redirect_tqdm():  # Ctrl-C ends it: `errors.run` exits 130; summary.csv is as of the last epoch
-        run_epochs(t, start_epoch)
+        try:
+            run_epochs(t, start_epoch)
+        except (KeyboardInterrupt, errors.NonFiniteLossError):  # a stop, not a failure: release what was saved
+            with contextlib.suppress(Exception):  # the stop's own one-line error is what is reported
+                release(t)
+            raise
+    release(t)
     write_run_files(t, plot=args.plot_summary)
     if t.keeper.best is not None and t.out_dir is not None:
         _logger.info(f"*** Best metric: {t.keeper.best[0]} (epoch {t.keeper.best[1]})")

@@ -5,11 +5,12 @@
 ACTION `kill` sends SIGKILL to this process at POINT of epoch EPOCH (every rank, or only RANK):
     train        after the 2nd optimizer update of the epoch
     eval         after the first validation batch
-    checkpoint   half-way through writing last.pth.tar (last.safetensors already replaced, a partial temp file left)
+    checkpoint   half-way through writing last.pth.tar (a partial temp file left)
     we           right after the weight-evolution step changed the parameters in memory
-    save@K       before the K-th file operation (0-based) of the epoch's checkpoint save: each weights / state
-                 write, link (checkpoint-N.*, model_best.*) and removal of an evicted file; not killed if the save
-                 has K operations or fewer (the run then completes)
+    save@K       before the K-th file operation (0-based) from the epoch's checkpoint save on: the state write,
+                 the links (checkpoint-N.pth.tar, model_best.pth.tar), the removal of an evicted file, and, in
+                 the last epoch, the release files' writes and links; not killed if there are K operations or
+                 fewer (the run then completes)
 ACTION `stop` sends SIGSTOP instead: the process stalls without dying, as a hung rank does; `term` sends SIGTERM.
 ACTION `nan` makes the loss NaN from the 2nd training batch of EPOCH on (POINT must be `train`).
 ACTION `nanweight` writes a NaN into the model's first parameter after the last update of EPOCH (POINT `train`):

@@ -27,7 +27,7 @@ from PIL import Image
 
 import train
 from we_timm import WEConfig
-from we_timm.recipes import engine, errors, files
+from we_timm.recipes import engine, errors, files, state
 from we_timm.recipes.checkpoint import load_weights
 from we_timm.recipes.engine import checksums
 from we_timm.recipes.state import CheckpointKeeper
@@ -94,11 +94,28 @@ def test_run_outputs(digits_run: Path):
     for name in ("args.yaml", "summary.csv", "we_stats.jsonl", "summary.png", "last.safetensors", "last_ema.safetensors",
                  "last.pth.tar", "model_best.safetensors", "model_best_ema.safetensors"):
         assert (digits_run / name).is_file(), name
-    for epoch in range(3):
+    for epoch in range(3):  # per epoch, timm's files only: the training state and its kept copies
         assert (digits_run / f"checkpoint-{epoch}.pth.tar").is_file()
-        assert (digits_run / f"checkpoint-{epoch}.safetensors").is_file()
+    assert sorted(p.name for p in digits_run.glob("*.safetensors")) == [
+        "last.safetensors", "last_ema.safetensors", "model_best.safetensors", "model_best_ema.safetensors"]
     assert (digits_run / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in digits_run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_release_files_hold_their_training_states(digits_run: Path):
+    """`last*` / `model_best*.safetensors`, written when the run ends, are the weights of `last.pth.tar` /
+    `model_best.pth.tar`, with that epoch's evaluation and the state's token in their metadata."""
+    for stem in ("last", "model_best"):
+        saved = state.load_state(str(digits_run / f"{stem}.pth.tar"))
+        assert saved["metrics"]["model"].keys() == saved["metrics"]["ema"].keys() == {"loss", "top1", "top5"}
+        for kind, suffix in (("model", ""), ("ema", "_ema")):
+            weights, meta = load_weights(digits_run / f"{stem}{suffix}.safetensors")
+            expected = state.model_weights(saved, ema=kind == "ema")
+            assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
+            assert (meta["epoch"], meta["token"], meta["ema"]) == (saved["epoch"], saved["token"], kind == "ema")
+            assert meta["metrics"] == saved["metrics"][kind]
+    best = read_csv(digits_run / "summary.csv")[state.load_state(str(digits_run / "model_best.pth.tar"))["epoch"]]
+    assert load_weights(digits_run / "model_best_ema.safetensors")[1]["metrics"]["top1"] == float(best["eval_top1"])
 
 
 def test_summary_and_we_stats(digits_run: Path):

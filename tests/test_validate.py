@@ -15,7 +15,7 @@ from PIL import Image
 from timm.data import create_transform
 
 import validate
-from we_timm.recipes import export
+from we_timm.recipes import export, state
 from we_timm.recipes.checkpoint import atomic_save, create_model_from_checkpoint, read_metadata, save_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -316,13 +316,19 @@ def test_bulk_validation_of_a_run_folder(trained_run, tmp_path):
     argv = ["--checkpoint", str(trained_run), "--dataset", "digits", "--num-samples", "50", "--workers", "0",
             "--no-progress", "--results-file", str(results)]
     rows = validate.main(validate.get_args_parser().parse_args(argv))
-    expected = sorted(p for p in trained_run.glob("*.safetensors") if not p.name.endswith("_ema.safetensors"))
-    assert [r["checkpoint"] for r in rows] == [str(p) for p in expected] and len(rows) >= 3
+    # each set of weights once: the release files, and the kept epochs' states that no release file holds
+    best, last = (state.load_state(str(trained_run / f"{s}.pth.tar"))["epoch"] for s in ("model_best", "last"))
+    releases = [trained_run / "last.safetensors", *([trained_run / "model_best.safetensors"] if best != last else [])]
+    expected = sorted([*releases, *(trained_run / f"checkpoint-{e}.pth.tar" for e in range(last) if e != best)])
+    assert len(expected) == last + 1 == 2  # a model_best of the last epoch is a link to last: listed once
+    assert [r["checkpoint"] for r in rows] == [str(p) for p in expected]
     with open(results) as f:
         written = list(csv.DictReader(f))
     assert [w["checkpoint"] for w in written] == [str(p) for p in expected]
     for row, path in zip(rows, expected):
-        assert row["top1"] == read_metadata(path)["metrics"]["top1"], path
+        metrics = (read_metadata(path)["metrics"] if path.suffix == ".safetensors"
+                   else state.load_state(str(path))["metrics"]["model"])
+        assert row["top1"] == metrics["top1"], path
 
 
 def test_bulk_model_list_and_wildcard(monkeypatch):

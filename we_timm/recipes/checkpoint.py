@@ -481,17 +481,38 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.pth.tar", "*.pth", "*.bin")
 
 
 def checkpoint_files(folder: str | os.PathLike) -> list[str]:
-    """The checkpoints of a folder, sorted: its `.safetensors` weights (`_ema` siblings excluded: --use-ema picks
-    them), else its `.pth.tar` / `.pth` / `.bin` files (timm's run folders). CheckpointError if there are none."""
+    """The checkpoints of a folder, sorted (`_ema` siblings excluded: --use-ema picks them), each set of weights
+    once: train.py's files name the training state they hold (`token`), so a state whose weights a `.safetensors`
+    release file of the folder holds, or a link to a state already listed, is left out. A train.py run folder
+    gives its release files and the kept epochs' states; timm's gives its `.pth.tar` / `.pth` / `.bin` files.
+    CheckpointError if there are none."""
     import glob
 
     folder = os.fspath(folder)
-    for patterns in (WEIGHT_PATTERNS[:1], WEIGHT_PATTERNS[1:]):
-        found = sorted({p for pattern in patterns for p in glob.glob(os.path.join(folder, pattern))})
-        found = [p for p in found if not os.path.basename(p).endswith("_ema.safetensors")]
-        if found:
-            return found
-    raise CheckpointError(f"no checkpoints in {folder} ({', '.join(WEIGHT_PATTERNS)})")
+    found = sorted({p for pattern in WEIGHT_PATTERNS for p in glob.glob(os.path.join(folder, pattern))})
+    found = [p for p in found if not os.path.basename(p).endswith("_ema.safetensors")]
+    if not found:
+        raise CheckpointError(f"no checkpoints in {folder} ({', '.join(WEIGHT_PATTERNS)})")
+    chosen, tokens = [], set()
+    for path in sorted(found, key=lambda p: (not p.endswith(".safetensors"), p)):  # release files first
+        token = _token(path)
+        if token is None or token not in tokens:
+            chosen.append(path)
+            tokens.add(token)
+    return sorted(chosen)
+
+
+def _token(path: str) -> str | None:
+    """The training-state token of a train.py release file or training state (None: another kind of file)."""
+    try:
+        if path.endswith(".safetensors"):
+            token = read_metadata(path).get("token")
+        else:
+            saved = torch_load(path, mmap=True)
+            token = saved.get("token") if isinstance(saved, dict) else None
+    except CheckpointError:
+        return None
+    return token if isinstance(token, str) else None
 
 
 def weights_cached(name: str) -> bool:

@@ -6,12 +6,12 @@ Layout of a run folder (timm's, with safetensors weights):
     summary.csv                    timm's columns (epoch, train_loss, eval_*, lr) + we_* columns
     we_stats.jsonl                 one JSON line per WE step, with inferior filters per parameter
     summary.png                    training curves beside WE selection rates / inferior counts
-    last.safetensors               model weights after the latest epoch (`_ema` sibling: EMA weights)
-    last.pth.tar                   full training state of the latest epoch, for --resume
-    checkpoint-<epoch>.*           the --checkpoint-hist best epochs by eval metric (weights + state)
-    model_best.safetensors         weights of the best epoch (`_ema` sibling with --model-ema)
-    model_best.pth.tar             the best epoch's training state (timm's layout: timm's validate.py reads it)
+    last.pth.tar                   full training state of the latest epoch, for --resume (timm's layout)
+    checkpoint-<epoch>.pth.tar     the --checkpoint-hist best epochs by eval metric (their training states)
+    model_best.pth.tar             the best epoch's training state (timm's validate.py reads it)
     recovery.pth.tar               with --recovery-interval: the newest state inside the current epoch
+    last.safetensors               when the run stops: the weights of last.pth.tar (`_ema` sibling: EMA weights)
+    model_best.safetensors         when the run stops: the weights of model_best.pth.tar (+ `_ema` sibling)
 
 Every file goes through `atomic_write`: a hidden temp file beside the target, fsynced, then renamed into
 place; kept copies are hard links where the filesystem allows.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 import re
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from accelerate.utils import DistributedType, gather_object
 
-from .checkpoint import (SPLIT_BN, atomic_save, ema_sibling, is_safetensors_file, load_into_model, read_metadata,
+from .checkpoint import (SPLIT_BN, atomic_save, is_safetensors_file, load_into_model, read_metadata,
                          save_safetensors, torch_load)
 from .errors import CheckpointError, one_line
 from .files import json_safe, link_or_copy, remove
@@ -37,6 +38,8 @@ STATE_FORMAT = "we_timm.train_state"
 STATE_VERSION = 2  # 2: timm's layout (state_dict, state_dict_ema, arch; epoch = the last complete one)
 WEIGHTS_EXT = ".safetensors"
 STATE_EXT = ".pth.tar"
+# what a release file's metadata takes from its training state (beside format, epoch, metrics, ema, token)
+RELEASE_KEYS = ("architecture", "num_classes", "data_config", "model_kwargs", "we_config", "args")
 # arguments that may differ on resume without a warning: where and how verbosely, not what, is trained
 QUIET_ARGS = {"resume", "output", "experiment", "start_epoch", "config", "log_interval", "workers", "debug",
               "log_tensorboard", "pin_mem", "checkpoint_hist", "recovery_interval", "we_inspect_every"}
@@ -224,10 +227,13 @@ def full_state(t: Trainer) -> tuple[dict, dict] | None:
     return None if t.out_dir is None else (model, optimizer)
 
 
-def training_state(t: Trainer, epoch: int, metric: float | None, full: tuple[dict, dict]) -> dict[str, Any]:
+def training_state(t: Trainer, epoch: int, metric: float | None, full: tuple[dict, dict],
+                   metrics: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
     """Everything --resume needs, loadable with `torch.load(weights_only=True)`, in timm's checkpoint layout
     (`state_dict`, `state_dict_ema`, `optimizer`, `epoch`, `arch`, `metric`, version 2): timm's own
-    `load_checkpoint` / validate.py read it. `full`: what `full_state` returned."""
+    `load_checkpoint` / validate.py read it. `full`: what `full_state` returned; `metrics`: the epoch's
+    evaluation of "model" (and "ema"), which its `.safetensors` release files carry (`write_release_files`).
+    `token` names this one state, so a release file can tell whether it holds these very weights."""
     scaler = t.accelerator.scaler
     return {
         "format": STATE_FORMAT,
@@ -235,6 +241,8 @@ def training_state(t: Trainer, epoch: int, metric: float | None, full: tuple[dic
         "epoch": epoch,
         "arch": t.args.model,
         "metric": metric,
+        "metrics": json_safe(metrics),
+        "token": secrets.token_hex(8),
         "num_updates": t.num_updates,
         "state_dict": full[0],
         "state_dict_ema": None if t.model_ema is None else t.model_ema.module.state_dict(),
@@ -253,25 +261,69 @@ def training_state(t: Trainer, epoch: int, metric: float | None, full: tuple[dic
 
 
 def save_checkpoint(t: Trainer, epoch: int, metrics: dict[str, dict]) -> None:
-    """The main process writes `last` (weights and state) and the kept copies; the others write nothing.
-    Collective under FSDP2 (`full_state`)."""
+    """The main process writes `last.pth.tar` and the kept copies (timm's per-epoch files); the others write
+    nothing. Collective under FSDP2 (`full_state`). The `.safetensors` release files are written when the
+    run stops (`write_release_files`): written every epoch they would add half again the bytes."""
     full = full_state(t)
     if full is None:
         return
-
-    def weights(sd: dict[str, torch.Tensor], kind: str) -> tuple[dict, dict]:
-        sd = {k: v.detach().cpu() for k, v in sd.items() if SPLIT_BN not in k}  # --split-bn's: training-only
-        return sd, {**t.meta, "epoch": epoch, "metrics": metrics[kind], "ema": kind == "ema"}
-
-    files = {"model": weights(full[0], "model")}
-    if t.model_ema is not None:
-        files["ema"] = weights(t.model_ema.module.state_dict(), "ema")
     metric = metrics["ema" if t.model_ema is not None else "model"][t.args.eval_metric]
-    if t.keeper.save(epoch, metric, files, lambda: training_state(t, epoch, metric, full)):
+    if t.keeper.save(epoch, metric, lambda: training_state(t, epoch, metric, full, metrics)):
         _logger.info(f"New best {t.args.eval_metric} {metric:.4f} at epoch {epoch}")
     recovery = t.keeper.path(RECOVERY, STATE_EXT)
     if os.path.exists(recovery):  # older than the epoch state now on disk
         remove(recovery)
+
+
+def write_release_files(t: Trainer) -> list[str]:
+    """`last` and `model_best` (+ `_ema`) `.safetensors` from the training states of the same names: the
+    weights without `--split-bn`'s training-only BatchNorms, with the metadata validate.py, export and inspect
+    read (`release_metadata`). A file that already holds its state's weights (the same `token`) is left alone,
+    so a finished run resumed with nothing to do rewrites nothing; `model_best*` of the last epoch are links
+    to `last*`. Main process only; reads the states from disk (no collective). Returns the paths written."""
+    if t.out_dir is None:
+        return []
+    written: list[str] = []
+    holders: dict[tuple[str, str], str] = {}  # (token, kind) -> the release file just checked for that state
+    for stem in ("last", "model_best"):
+        src = t.keeper.path(stem, STATE_EXT)
+        if not os.path.isfile(src):
+            continue
+        saved = load_state(src, mmap=True)
+        token = saved.get("token") or f"{src}@{os.stat(src).st_mtime_ns}"  # a state from before tokens
+        for kind in ("model", "ema"):
+            sd = model_weights(saved, ema=kind == "ema")
+            if sd is None:
+                continue
+            dst = t.keeper.path(stem + ("_ema" if kind == "ema" else ""))
+            if _token_of(dst) != token:
+                if (token, kind) in holders:
+                    link_or_copy(holders[token, kind], dst)
+                else:
+                    weights = {k: v for k, v in sd.items() if SPLIT_BN not in k}  # training-only
+                    save_safetensors(dst, weights, release_metadata(saved, kind, token))
+                written.append(dst)
+            holders[token, kind] = dst
+    return written
+
+
+def release_metadata(saved: Mapping[str, Any], kind: str, token: str) -> dict[str, Any]:
+    """The `.safetensors` metadata of a training state's "model" or "ema" weights: what rebuilds the model
+    (architecture, num_classes, model_kwargs, data_config), the WE config, train.py's args, the epoch, the
+    epoch's evaluation of those weights, and the state's token."""
+    metrics = (saved.get("metrics") or {}).get(kind)
+    return {"format": "we_timm", **{k: saved.get(k) for k in RELEASE_KEYS}, "epoch": int(saved["epoch"]),
+            "metrics": metrics, "ema": kind == "ema", "token": token}
+
+
+def _token_of(path: str) -> str | None:
+    """The training-state token a release file was written from (None: missing, unreadable, or older)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        return read_metadata(path).get("token")
+    except (CheckpointError, ValueError):
+        return None
 
 
 def save_recovery(t: Trainer, epoch: int, updates: int, sums: torch.Tensor) -> None:
@@ -380,53 +432,40 @@ class CheckpointKeeper:
     def path(self, stem: str, ext: str = WEIGHTS_EXT) -> str:
         return os.path.join(self.out_dir, stem + ext)
 
-    def save(
-        self,
-        epoch: int,
-        metric: float,
-        weights: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]],
-        make_state: Callable[[], dict[str, Any]],
-    ) -> bool:
-        """Write `last.*`, then keep copies as `checkpoint-<epoch>.*` / `model_best.*`; returns is-best.
-
-        `weights` maps "model" (and "ema") to `(state_dict, metadata)`;
-        `make_state()` builds the training state after the bookkeeping is updated.
-        """
+    def save(self, epoch: int, metric: float, make_state: Callable[[], dict[str, Any]]) -> bool:
+        """Write `last.pth.tar`, then keep copies as `checkpoint-<epoch>.pth.tar` / `model_best.pth.tar` and
+        remove evicted epochs, as timm's `CheckpointSaver` does; returns is-best. `make_state()` builds the
+        training state after the bookkeeping is updated."""
         keep, evicted, is_best = self.rank(epoch, metric)
-        files = self._write_last(weights, make_state())
+        last = self.path("last", STATE_EXT)
+        atomic_save(make_state(), last)
         if keep:
-            for src in files:
-                link_or_copy(src, _restem(src, f"checkpoint-{epoch}"))
-        if is_best:  # model_best.safetensors (+ _ema) and timm's model_best.pth.tar
-            for src in files:
-                link_or_copy(src, _restem(src, "model_best"))
+            link_or_copy(last, self.path(f"checkpoint-{epoch}", STATE_EXT))
+        if is_best:  # timm's model_best.pth.tar
+            link_or_copy(last, self.path("model_best", STATE_EXT))
         for old in evicted:
             if old != epoch:
-                for src in files:
-                    remove(_restem(src, f"checkpoint-{old}"))
+                remove(self.path(f"checkpoint-{old}", STATE_EXT))
         return is_best
 
     def reconcile(self, epoch: int) -> list[str]:
         """Make the folder match the ranking of the resumed state of `epoch`; returns the paths changed.
 
-        `save` writes `last.*` (whose state already holds the new ranking) before it links `checkpoint-<epoch>.*`
-        and `model_best.*` and removes evicted epochs: a kill in between leaves links missing, a stale
-        `model_best` and orphan files. Links are made only from a file that holds the right epoch.
+        `save` writes `last.pth.tar` (whose state already holds the new ranking) before it links
+        `checkpoint-<epoch>.pth.tar` and `model_best.pth.tar` and removes evicted epochs: a kill in between
+        leaves links missing, a stale `model_best` and orphan files. Links are made only from a file that holds
+        the right epoch.
         """
         changed: list[str] = []
-        kinds = [k for k in ("", "_ema") if os.path.exists(self.path("last" + k))]
         kept = {e for _, e in self.kept}
-        wanted = [(f"checkpoint-{e}{k}", ext, e) for e in sorted(kept) for k, ext in
-                  [(k, WEIGHTS_EXT) for k in kinds] + [("", STATE_EXT)]]
+        wanted = [(f"checkpoint-{e}", e) for e in sorted(kept)]
         if self.best is not None:
-            wanted += [(f"model_best{k}", WEIGHTS_EXT, self.best[1]) for k in kinds]
-            wanted.append(("model_best", STATE_EXT, self.best[1]))  # timm's model_best.pth.tar
-        for stem, ext, e in wanted:
-            dst = self.path(stem, ext)
+            wanted.append(("model_best", self.best[1]))  # timm's model_best.pth.tar
+        for stem, e in wanted:
+            dst = self.path(stem, STATE_EXT)
             if _epoch_of(dst) == e:
                 continue
-            suffix = "_ema" if stem.endswith("_ema") else ""
-            src = next((p for p in (self.path("last" + suffix, ext), self.path(f"checkpoint-{e}{suffix}", ext))
+            src = next((p for p in (self.path("last", STATE_EXT), self.path(f"checkpoint-{e}", STATE_EXT))
                         if _epoch_of(p) == e), None)
             if src is not None:
                 link_or_copy(src, dst)
@@ -437,18 +476,6 @@ class CheckpointKeeper:
                 remove(os.path.join(self.out_dir, name))
                 changed.append(os.path.join(self.out_dir, name))
         return changed
-
-    def _write_last(self, weights: Mapping[str, tuple[Any, Any]], state: dict[str, Any]) -> list[str]:
-        files = []
-        for kind, (sd, meta) in weights.items():
-            path = self.path("last")
-            path = ema_sibling(path) if kind == "ema" else path
-            save_safetensors(path, sd, meta)
-            files.append(path)
-        state_path = self.path("last", STATE_EXT)
-        atomic_save(state, state_path)
-        files.append(state_path)
-        return files
 
 
 def _epoch_of(path: str) -> int | None:
@@ -461,10 +488,3 @@ def _epoch_of(path: str) -> int | None:
         return int(load_state(path, mmap=True)["epoch"])
     except (CheckpointError, ValueError):
         return None
-
-
-def _restem(path: str, stem: str) -> str:
-    """`run/last_ema.safetensors` -> `run/<stem>_ema.safetensors`."""
-    folder, name = os.path.split(path)
-    assert name.startswith("last"), name
-    return os.path.join(folder, stem + name[len("last"):])
