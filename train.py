@@ -15,7 +15,6 @@ the last epoch); under DDP the ranks then verify they hold identical parameters.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
@@ -327,9 +326,9 @@ def run_epochs(t: Trainer, start_epoch: int) -> None:
 
 def release(t: Trainer) -> None:
     """The `.safetensors` of `last` and `model_best` (+ `_ema`), from the training states on disk."""
-    written = state.write_release_files(t)
-    if written:
-        _logger.info(f"Wrote {', '.join(os.path.basename(p) for p in written)}")
+    changed = state.write_release_files(t)
+    if changed:
+        _logger.info(f"Release files: {', '.join(os.path.basename(p) for p in changed)}")
 
 
 # ============================================================================ main
@@ -368,9 +367,12 @@ def fit(args: argparse.Namespace, acc: Accelerator) -> dict[str, Any]:
     with logging_redirect_tqdm():  # Ctrl-C ends it: `errors.run` exits 130; summary.csv is as of the last epoch
         try:
             run_epochs(t, start_epoch)
-        except (KeyboardInterrupt, errors.NonFiniteLossError):  # a stop, not a failure: release what was saved
-            with contextlib.suppress(Exception):  # the stop's own one-line error is what is reported
+        except BaseException:  # Ctrl-C, SIGTERM, a non-finite loss, bad images, ...: release what was saved
+            try:
                 release(t)
+            except Exception as e:  # the stop's own one-line error is what ends the run
+                _logger.warning(f"the .safetensors release files were not written ({errors.one_line(e)}); "
+                                "`--resume` of this run writes them")
             raise
     release(t)
     write_run_files(t, plot=args.plot_summary)

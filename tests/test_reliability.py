@@ -522,6 +522,8 @@ def test_ctrl_c_exits_130_leaving_complete_files(tmp_path: Path):
     assert err.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)") and "Traceback" not in err, err[-3000:]
     run = tmp_path / "c"
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    released = load_weights(run / "last.safetensors")[1]  # the stop releases the newest epoch's weights
+    assert released["token"] == state.load_state(str(run / "last.pth.tar"))["token"]
     for p in run.iterdir():
         if p.name.endswith(".safetensors"):
             load_weights(p)
@@ -593,7 +595,8 @@ def _same_run_files(a: Path, b: Path) -> None:
     for p in a.iterdir():
         if p.name.endswith(".safetensors"):
             (x, mx), (y, my) = load_weights(p), load_weights(b / p.name)
-            assert mx["epoch"] == my["epoch"] and all(torch.equal(x[k], y[k]) for k in x), p.name
+            assert mx["epoch"] == my["epoch"] and mx["metrics"] == my["metrics"], p.name
+            assert all(torch.equal(x[k], y[k]) for k in x), p.name
         elif p.name.endswith(".pth.tar"):
             x, y = state.load_state(str(p)), state.load_state(str(b / p.name))
             assert x["epoch"] == y["epoch"] and x["checkpoints"] == y["checkpoints"], p.name
@@ -622,7 +625,7 @@ def test_kill_at_every_file_operation_of_a_checkpoint_save(tmp_path: Path):
         killed += 1
         out = run_train([*SAVE_RUN_ARGS, *where, "--experiment", name, "--resume", "auto"], cwd=tmp_path)
         assert ("repaired" in out) == (1 <= k <= 3), (k, out[-2000:])  # after last.pth.tar (op 0) the links lag it
-        assert "Wrote " in out, (k, out[-2000:])  # the resumed run writes the release files it lacks
+        assert "Release files: " in out, (k, out[-2000:])  # the resumed run writes what the release lacks
         _same_run_files(full, tmp_path / name)
     # last.pth.tar, links checkpoint-1 and model_best, removal of checkpoint-0; as the run ends: last.safetensors,
     # last_ema.safetensors, and model_best(_ema).safetensors as links to them

@@ -297,6 +297,49 @@ def test_checkpoint_keeper_keeps_top_k(tmp_path: Path):
     assert keeper.kept == [(30.0, 1), (20.0, 2)] and keeper.best == (30.0, 1)
 
 
+def _epoch_state(epoch: int, token: str | None, ema: bool, kept: list, best: list) -> dict:
+    weights = {"w": torch.full((2,), float(epoch))}
+    return {"format": state.STATE_FORMAT, "version": state.STATE_VERSION, "epoch": epoch, "token": token,
+            "metrics": {"model": {"top1": float(epoch)}, "ema": {"top1": -float(epoch)}}, "state_dict": weights,
+            "state_dict_ema": {"w": -weights["w"]} if ema else None, "checkpoints": {"kept": kept, "best": best},
+            "architecture": "test_resnet", "num_classes": 2}
+
+
+def test_release_files_follow_the_states_on_disk(tmp_path: Path):
+    """`write_release_files` mends the links from last.pth.tar's ranking, writes each release file from its
+    state once (model_best of the same state: a link), rewrites what another state left, removes an EMA file
+    a state without EMA would leave stale, and rewrites nothing on a second call; bulk validation lists each
+    set of weights once, without recovery.pth.tar."""
+    from we_timm.recipes.checkpoint import atomic_save, checkpoint_files, read_metadata
+
+    t = SimpleNamespace(out_dir=str(tmp_path), keeper=CheckpointKeeper(str(tmp_path), max_history=2))
+    names = lambda paths: sorted(os.path.basename(p) for p in paths)  # noqa: E731
+    # a stop right after epoch 0's state: its links were not made yet
+    atomic_save(_epoch_state(0, "a", True, [[1.0, 0]], [1.0, 0]), tmp_path / "last.pth.tar")
+    assert names(state.write_release_files(t)) == [
+        "checkpoint-0.pth.tar", "last.safetensors", "last_ema.safetensors", "model_best.pth.tar",
+        "model_best.safetensors", "model_best_ema.safetensors"]
+    assert os.path.samefile(tmp_path / "model_best.safetensors", tmp_path / "last.safetensors")
+    weights, meta = load_weights(tmp_path / "last_ema.safetensors")
+    assert torch.equal(weights["w"], torch.zeros(2)) and (meta["token"], meta["epoch"], meta["ema"]) == ("a", 0, True)
+    assert meta["metrics"] == {"top1": -0.0} and meta["architecture"] == "test_resnet" and meta["format"] == "we_timm"
+    assert state.write_release_files(t) == []
+    # epoch 1, not the best, resumed without EMA: last* follow it, model_best* stay epoch 0's
+    atomic_save(_epoch_state(1, "b", False, [[1.0, 0], [0.5, 1]], [1.0, 0]), tmp_path / "last.pth.tar")
+    assert names(state.write_release_files(t)) == ["checkpoint-1.pth.tar", "last.safetensors", "last_ema.safetensors"]
+    assert not (tmp_path / "last_ema.safetensors").exists()
+    assert read_metadata(tmp_path / "last.safetensors")["token"] == "b"
+    assert [read_metadata(tmp_path / f"model_best{k}.safetensors")["token"] for k in ("", "_ema")] == ["a", "a"]
+    atomic_save(_epoch_state(1, "c", False, [], None), tmp_path / "recovery.pth.tar")
+    assert names(checkpoint_files(tmp_path)) == ["last.safetensors", "model_best.safetensors"]
+    for p in tmp_path.glob("*.safetensors"):
+        p.unlink()  # a run in progress: its states, each once
+    assert names(checkpoint_files(tmp_path)) == ["checkpoint-0.pth.tar", "checkpoint-1.pth.tar"]
+    # a state from before tokens: named by its file, so a second call writes nothing either
+    atomic_save(_epoch_state(1, None, False, [[1.0, 0], [0.5, 1]], [1.0, 0]), tmp_path / "last.pth.tar")
+    assert "last.safetensors" in names(state.write_release_files(t)) and state.write_release_files(t) == []
+
+
 @pytest.mark.parametrize("flag", ["--initial-checkpoint", "--pretrained-path"])
 def test_start_from_local_weights(digits_run: Path, flag: str):
     args = train.parse_args([*TINY, *DIGITS, flag, str(digits_run / "last.safetensors")])

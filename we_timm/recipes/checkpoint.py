@@ -481,24 +481,27 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.pth.tar", "*.pth", "*.bin")
 
 
 def checkpoint_files(folder: str | os.PathLike) -> list[str]:
-    """The checkpoints of a folder, sorted (`_ema` siblings excluded: --use-ema picks them), each set of weights
-    once: train.py's files name the training state they hold (`token`), so a state whose weights a `.safetensors`
-    release file of the folder holds, or a link to a state already listed, is left out. A train.py run folder
-    gives its release files and the kept epochs' states; timm's gives its `.pth.tar` / `.pth` / `.bin` files.
-    CheckpointError if there are none."""
+    """The checkpoints of a folder, sorted: its `.safetensors` weights (`_ema` siblings excluded: --use-ema picks
+    them) and the train.py training states whose weights none of them holds (a run's kept epochs), else its
+    `.pth.tar` / `.pth` / `.bin` files (timm's run folders, a train.py run still in progress). train.py's files
+    name the state they hold (`token`): each such state is listed once (`model_best.*` of the last epoch is
+    `last.*`), and `recovery.pth.tar` (mid-epoch) is left out. CheckpointError if there are none."""
     import glob
 
     folder = os.fspath(folder)
-    found = sorted({p for pattern in WEIGHT_PATTERNS for p in glob.glob(os.path.join(folder, pattern))})
-    found = [p for p in found if not os.path.basename(p).endswith("_ema.safetensors")]
-    if not found:
-        raise CheckpointError(f"no checkpoints in {folder} ({', '.join(WEIGHT_PATTERNS)})")
-    chosen, tokens = [], set()
-    for path in sorted(found, key=lambda p: (not p.endswith(".safetensors"), p)):  # release files first
+    found = {pattern: sorted(glob.glob(os.path.join(folder, pattern))) for pattern in WEIGHT_PATTERNS}
+    weights = [p for p in found["*.safetensors"] if not p.endswith("_ema.safetensors")]
+    others = [p for pattern in WEIGHT_PATTERNS[1:] for p in found[pattern] if os.path.basename(p) != "recovery.pth.tar"]
+    chosen, listed = [], set()
+    for path in [*weights, *others]:
         token = _token(path)
-        if token is None or token not in tokens:
+        if token is None and weights and path not in weights:  # beside release files: only train.py's states
+            continue
+        if token is None or token not in listed:
             chosen.append(path)
-            tokens.add(token)
+            listed.add(token)
+    if not chosen:
+        raise CheckpointError(f"no checkpoints in {folder} ({', '.join(WEIGHT_PATTERNS)})")
     return sorted(chosen)
 
 
@@ -507,12 +510,19 @@ def _token(path: str) -> str | None:
     try:
         if path.endswith(".safetensors"):
             token = read_metadata(path).get("token")
-        else:
+        elif path.endswith(".pth.tar") and _magic(path) == b"PK\x03\x04":  # train.py's states are zip files
             saved = torch_load(path, mmap=True)
             token = saved.get("token") if isinstance(saved, dict) else None
-    except CheckpointError:
+        else:
+            return None
+    except (CheckpointError, OSError):
         return None
     return token if isinstance(token, str) else None
+
+
+def _magic(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
 
 
 def weights_cached(name: str) -> bool:

@@ -163,7 +163,7 @@ class Trainer:
     loader_train: Any
     loader_eval: Any
     num_epochs: int  # from the scheduler (epochs + cooldown)
-    meta: dict[str, Any]  # safetensors metadata shared by every checkpoint of the run
+    meta: dict[str, Any]  # what rebuilds the model (architecture, classes, kwargs, data config) and the WE config
     keeper: CheckpointKeeper
     we_ema: WeightEvolution | None = None  # --we-ema evolve: the EMA's own WE step
     out_dir: str | None = None  # the run folder, on the main process only

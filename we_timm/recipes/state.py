@@ -278,33 +278,42 @@ def save_checkpoint(t: Trainer, epoch: int, metrics: dict[str, dict]) -> None:
 def write_release_files(t: Trainer) -> list[str]:
     """`last` and `model_best` (+ `_ema`) `.safetensors` from the training states of the same names: the
     weights without `--split-bn`'s training-only BatchNorms, with the metadata validate.py, export and inspect
-    read (`release_metadata`). A file that already holds its state's weights (the same `token`) is left alone,
-    so a finished run resumed with nothing to do rewrites nothing; `model_best*` of the last epoch are links
-    to `last*`. Main process only; reads the states from disk (no collective). Returns the paths written."""
-    if t.out_dir is None:
+    read (`release_metadata`). First the folder's links are made to match `last.pth.tar`'s ranking (a stop
+    may have come between the state and its links). A file that already holds its state's weights (the same
+    `token`) is left alone, so a finished run resumed with nothing to do rewrites nothing; `model_best*` of
+    the last epoch are links to `last*`; an `_ema` file of another state, where the state has no EMA, is
+    removed. Main process only; reads the states from disk (no collective). Returns the paths changed."""
+    if t.out_dir is None or not os.path.isfile(t.keeper.path("last", STATE_EXT)):
         return []
-    written: list[str] = []
+    last = load_state(t.keeper.path("last", STATE_EXT), mmap=True)
+    ranking = CheckpointKeeper(t.out_dir, t.keeper.max_history, t.keeper.decreasing)
+    ranking.load_state_dict(last.get("checkpoints", {}))
+    changed = ranking.reconcile(int(last["epoch"]))
     holders: dict[tuple[str, str], str] = {}  # (token, kind) -> the release file just checked for that state
     for stem in ("last", "model_best"):
         src = t.keeper.path(stem, STATE_EXT)
         if not os.path.isfile(src):
             continue
-        saved = load_state(src, mmap=True)
-        token = saved.get("token") or f"{src}@{os.stat(src).st_mtime_ns}"  # a state from before tokens
+        saved = last if stem == "last" else load_state(src, mmap=True)
+        token = saved.get("token") or _file_token(src)
         for kind in ("model", "ema"):
             sd = model_weights(saved, ema=kind == "ema")
-            if sd is None:
-                continue
             dst = t.keeper.path(stem + ("_ema" if kind == "ema" else ""))
-            if _token_of(dst) != token:
+            current = _token_of(dst)
+            if sd is None:  # a state without EMA: an EMA file beside it would be another state's
+                if current not in (None, token):
+                    remove(dst)
+                    changed.append(dst)
+                continue
+            if current != token:
                 if (token, kind) in holders:
                     link_or_copy(holders[token, kind], dst)
                 else:
                     weights = {k: v for k, v in sd.items() if SPLIT_BN not in k}  # training-only
                     save_safetensors(dst, weights, release_metadata(saved, kind, token))
-                written.append(dst)
+                changed.append(dst)
             holders[token, kind] = dst
-    return written
+    return changed
 
 
 def release_metadata(saved: Mapping[str, Any], kind: str, token: str) -> dict[str, Any]:
@@ -314,6 +323,12 @@ def release_metadata(saved: Mapping[str, Any], kind: str, token: str) -> dict[st
     metrics = (saved.get("metrics") or {}).get(kind)
     return {"format": "we_timm", **{k: saved.get(k) for k in RELEASE_KEYS}, "epoch": int(saved["epoch"]),
             "metrics": metrics, "ema": kind == "ema", "token": token}
+
+
+def _file_token(path: str) -> str:
+    """A token for a training state written before states had one: its file's identity (hard links share it)."""
+    st = os.stat(path)
+    return f"file:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _token_of(path: str) -> str | None:
@@ -446,6 +461,9 @@ class CheckpointKeeper:
         for old in evicted:
             if old != epoch:
                 remove(self.path(f"checkpoint-{old}", STATE_EXT))
+                for kind in ("", "_ema"):  # the weights earlier versions kept beside each state
+                    if os.path.exists(self.path(f"checkpoint-{old}{kind}")):
+                        remove(self.path(f"checkpoint-{old}{kind}"))
         return is_best
 
     def reconcile(self, epoch: int) -> list[str]:
