@@ -197,10 +197,10 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
     ema = None
     if args.model_ema:
         ema = utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
-    meta = {
-        "format": "we_timm", "architecture": args.model, "num_classes": int(args.num_classes),
+    meta = {  # state.MODEL_KEYS, kept in each training state
+        "architecture": args.model, "num_classes": int(args.num_classes),
         "data_config": files.json_safe(data_config), "model_kwargs": files.json_safe(model_kwargs),
-        "we_config": we_config.to_dict() if we_config else None, "args": files.json_safe(vars(args)),
+        "we_config": we_config.to_dict() if we_config else None,
     }
     t = Trainer(
         args, acc, model, model, optimizer, scheduler, loss_fn.to(acc.device), mixup_fn, ema,

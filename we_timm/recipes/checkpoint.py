@@ -43,6 +43,7 @@ __all__ = [
     "read_metadata",
     "resolve_weights_file",
     "save_safetensors",
+    "state_token",
     "torch_load",
 ]
 
@@ -193,13 +194,18 @@ def _load_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return state_dict, metadata
 
 
+def _magic(path: str) -> bytes:
+    """The first 4 bytes of a file: PK\\x03\\x04 for torch.save's zip archives."""
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
 def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
     """The one `torch.load` of the recipes: `weights_only=True` on CPU (`mmap` reads lazily); CheckpointError
     naming the path for anything that is not a clean PyTorch file of tensors and plain values."""
     path = os.fspath(path)
     _check_file(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    magic = _magic(path)
     # torch.save writes a zip archive (PK\x03\x04); legacy files start with a pickle protocol byte.
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
         raise CheckpointError(f"not a checkpoint: {path} is neither safetensors nor a PyTorch file")
@@ -494,7 +500,7 @@ def checkpoint_files(folder: str | os.PathLike) -> list[str]:
     others = [p for pattern in WEIGHT_PATTERNS[1:] for p in found[pattern] if os.path.basename(p) != "recovery.pth.tar"]
     chosen, listed = [], set()
     for path in [*weights, *others]:
-        token = _token(path)
+        token = state_token(path)
         if token is None and weights and path not in weights:  # beside release files: only train.py's states
             continue
         if token is None or token not in listed:
@@ -505,8 +511,9 @@ def checkpoint_files(folder: str | os.PathLike) -> list[str]:
     return sorted(chosen)
 
 
-def _token(path: str) -> str | None:
-    """The training-state token of a train.py release file or training state (None: another kind of file)."""
+def state_token(path: str) -> str | None:
+    """The training-state token of a train.py release file or training state (None: missing, unreadable, or
+    another kind of file)."""
     try:
         if path.endswith(".safetensors"):
             token = read_metadata(path).get("token")
@@ -518,11 +525,6 @@ def _token(path: str) -> str | None:
     except (CheckpointError, OSError):
         return None
     return token if isinstance(token, str) else None
-
-
-def _magic(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(4)
 
 
 def weights_cached(name: str) -> bool:

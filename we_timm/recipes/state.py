@@ -23,7 +23,7 @@ import torch
 from accelerate.utils import DistributedType, gather_object
 
 from .checkpoint import (SPLIT_BN, atomic_save, is_safetensors_file, load_into_model, read_metadata,
-                         save_safetensors, torch_load)
+                         save_safetensors, state_token, torch_load)
 from .errors import CheckpointError, one_line
 from .files import json_safe, link_or_copy, remove
 from .shards import full_model_state, full_optimizer_state, is_sharded, load_full_optimizer_state
@@ -38,8 +38,10 @@ STATE_FORMAT = "we_timm.train_state"
 STATE_VERSION = 2  # 2: timm's layout (state_dict, state_dict_ema, arch; epoch = the last complete one)
 WEIGHTS_EXT = ".safetensors"
 STATE_EXT = ".pth.tar"
+# what rebuilds the model without train.py's flags, and the WE config: the Trainer's `meta`, kept in each state
+MODEL_KEYS = ("architecture", "num_classes", "model_kwargs", "data_config", "we_config")
 # what a release file's metadata takes from its training state (beside format, epoch, metrics, ema, token)
-RELEASE_KEYS = ("architecture", "num_classes", "data_config", "model_kwargs", "we_config", "args")
+RELEASE_KEYS = (*MODEL_KEYS, "args")
 # arguments that may differ on resume without a warning: where and how verbosely, not what, is trained
 QUIET_ARGS = {"resume", "output", "experiment", "start_epoch", "config", "log_interval", "workers", "debug",
               "log_tensorboard", "pin_mem", "checkpoint_hist", "recovery_interval", "we_inspect_every"}
@@ -256,7 +258,7 @@ def training_state(t: Trainer, epoch: int, metric: float | None, full: tuple[dic
         "we_records": json_safe(t.we_records),
         "args": json_safe(vars(t.args)),
         # what rebuilds the model without train.py's flags (validate.py and export read a state like a .safetensors)
-        **{k: t.meta[k] for k in ("architecture", "num_classes", "model_kwargs", "data_config", "we_config")},
+        **{k: t.meta[k] for k in MODEL_KEYS},
     }
 
 
@@ -299,7 +301,7 @@ def write_release_files(t: Trainer) -> list[str]:
         for kind in ("model", "ema"):
             sd = model_weights(saved, ema=kind == "ema")
             dst = t.keeper.path(stem + ("_ema" if kind == "ema" else ""))
-            current = _token_of(dst)
+            current = state_token(dst)
             if sd is None:  # a state without EMA: an EMA file beside it would be another state's
                 if current not in (None, token):
                     remove(dst)
@@ -329,16 +331,6 @@ def _file_token(path: str) -> str:
     """A token for a training state written before states had one: its file's identity (hard links share it)."""
     st = os.stat(path)
     return f"file:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _token_of(path: str) -> str | None:
-    """The training-state token a release file was written from (None: missing, unreadable, or older)."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        return read_metadata(path).get("token")
-    except (CheckpointError, ValueError):
-        return None
 
 
 def save_recovery(t: Trainer, epoch: int, updates: int, sums: torch.Tensor) -> None:
