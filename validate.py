@@ -39,7 +39,7 @@ from we_timm.recipes.args import DEFAULT_EVAL_BATCH_SIZE
 from we_timm.recipes.args import get_validate_parser as get_args_parser
 from we_timm.recipes.checkpoint import (check_pretrained_reachable, checkpoint_files, create_model_from_checkpoint,
                                         local_models, model_name)
-from we_timm.recipes.data import DeviceInputs, eval_dataset, pin_memory, prepare_loader
+from we_timm.recipes.data import DeviceInputs, eval_dataset, pin_memory, prepare_loader, take_bad_images
 from we_timm.recipes.engine import (check_precision, cuda_settings, evaluate, loader_config, mixed_precision,
                                     steady_malloc)
 from we_timm.recipes.errors import CheckpointError, DataError
@@ -114,7 +114,7 @@ def build_dataset(args: argparse.Namespace, transform, metadata: dict[str, Any])
         args.dataset, args.data_dir = train_args.get("dataset") or "", train_args.get("data_dir")
         _logger.info("evaluating on the checkpoint's training data: %s", args.dataset or args.data_dir)
     return eval_dataset(args.dataset, args.data_dir, args.split, transform, num_samples=args.num_samples,
-                        class_map=args.class_map)
+                        class_map=args.class_map, max_bad_images=args.max_bad_images)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -134,8 +134,9 @@ def check_args(args: argparse.Namespace) -> None:
                         ("--input-size", min(args.input_size) if args.input_size else None)):
         if value is not None and value < 1:
             raise DataError(f"{flag} must be >= 1, got {value}")
-    if args.workers < 0:
-        raise DataError(f"--workers must be >= 0, got {args.workers}")
+    for flag, value in (("--workers", args.workers), ("--max-bad-images", args.max_bad_images)):
+        if value < 0:
+            raise DataError(f"{flag} must be >= 0, got {value}")
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise DataError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.results_file:
@@ -208,6 +209,11 @@ def _validate(args: argparse.Namespace, model: torch.nn.Module, metadata: dict[s
     metrics = evaluate(model, loader, accelerator, channels_last=args.channels_last, progress=not args.no_progress,
                        inputs_fn=inputs_fn)
     seconds = time.perf_counter() - start
+    # timm's dataset reads the next image in the place of an unreadable one: say how many, summed over processes
+    bad = int(accelerator.reduce(torch.tensor(take_bad_images(dataset), device=accelerator.device), "sum"))
+    if bad and accelerator.is_main_process:
+        _logger.warning(f"{bad} unreadable validation image(s) skipped (named above): timm's dataset read the next "
+                        f"image in the place of each, so these metrics count {bad} image(s) twice")
     results = {
         "model": model_name(model),
         "checkpoint": metadata.get("checkpoint", ""),
@@ -225,6 +231,7 @@ def _validate(args: argparse.Namespace, model: torch.nn.Module, metadata: dict[s
         "interpolation": data_config["interpolation"],
         "images_per_sec": round(metrics["num_samples"] / max(seconds, 1e-9), 2),
         "num_processes": accelerator.num_processes,
+        "bad_images": bad,
     }
     if accelerator.is_main_process:
         if args.results_file:

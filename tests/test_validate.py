@@ -96,7 +96,7 @@ def test_metadata_checkpoint_needs_no_model_or_size(run_dir, image_dir, tmp_path
     assert res["top5"] == 100.0  # 3 classes: top-k is capped at the class count
     assert res["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     assert res["param_count"] == pytest.approx(sum(p.numel() for p in _model(0).parameters()) / 1e6, abs=1e-4)
-    assert res["images_per_sec"] > 0 and res["epoch"] == 1 and res["ema"] is False
+    assert res["images_per_sec"] > 0 and res["epoch"] == 1 and res["ema"] is False and res["bad_images"] == 0
     assert json.loads(results_file.read_text()) == res
 
 
@@ -212,6 +212,35 @@ def test_bad_inputs_one_line_error(tmp_path, run_dir, image_dir, case):
     msg = str(info.value.code)
     assert msg.startswith("error: ") and "\n" not in msg, msg
     assert re.search(pattern, msg), msg
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_unreadable_images_are_named_counted_and_limited(tmp_path, run_dir, image_dir, caplog, workers):
+    """timm's dataset reads the next image in the place of an unreadable one: the file is named, the result
+    counts it (`bad_images`) and says the metrics hold a duplicate; beyond --max-bad-images the evaluation
+    stops with one line and writes no results."""
+    data = tmp_path / "data"
+    for cls in range(NUM_CLASSES):  # a copy of the image folder with one corrupt file
+        os.makedirs(data / "validation" / f"c{cls}")
+        for i in range(PER_CLASS):
+            name = f"c{cls}/{i}.png"
+            blob = b"\x89PNG truncated" if name == "c1/3.png" else (image_dir / "validation" / name).read_bytes()
+            (data / "validation" / name).write_bytes(blob)
+    common = ("--checkpoint", str(run_dir / "model_best.safetensors"), "--data-dir", str(data), "--workers", workers)
+    res = validate.main(_args(*common))
+    assert res["bad_images"] == 1 and res["num_samples"] == NUM_CLASSES * PER_CLASS
+    if workers == "0":  # the warnings of a worker process do not reach caplog
+        assert f"unreadable validation image skipped: {data / 'validation' / 'c1' / '3.png'}" in caplog.text
+    assert "1 unreadable validation image(s) skipped (named above): timm's dataset read the next image in the " \
+           "place of each, so these metrics count 1 image(s) twice" in caplog.text
+    results = tmp_path / "results.csv"
+    with pytest.raises(SystemExit) as info:
+        validate.main(_args(*common, "--max-bad-images", "0", "--results-file", str(results)))
+    assert str(info.value.code) == ("error: more than 0 unreadable validation images in this evaluation (named in "
+                                    "the warnings above); fix or remove them, or raise --max-bad-images")
+    assert not results.exists()
+    with pytest.raises(SystemExit, match="--max-bad-images must be >= 0, got -1"):
+        validate.main(_args(*common, "--max-bad-images", "-1"))
 
 
 def test_cli_exit_code_and_debug(tmp_path, run_dir, image_dir):

@@ -537,6 +537,10 @@ def get_validate_parser() -> argparse.ArgumentParser:
     group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD", help="normalisation std")
     group.add_argument("--num-samples", type=int, default=None, metavar="N", help="evaluate only the first N samples (train.py's --val-num-samples)")
     group.add_argument("--class-map", default="", help="class to index mapping file for image folders")
+    group.add_argument("--max-bad-images", type=int, default=DEFAULT_MAX_BAD_IMAGES, metavar="N",
+                       help="unreadable images (skipped, named in a warning; timm reads the next image in their place) "
+                            f"tolerated before the evaluation stops; the result's bad_images counts them "
+                            f"(default: {DEFAULT_MAX_BAD_IMAGES})")
     group.add_argument("--batch-size", "-b", type=int, default=None, help=f"images per process and step; default: the checkpoint's eval batch size, else {DEFAULT_EVAL_BATCH_SIZE}")
     group.add_argument("--workers", "-j", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes per process (default: min(4, CPUs))")
 

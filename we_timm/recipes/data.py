@@ -235,12 +235,13 @@ _SKIPPED = _SkippedSamples()
 
 class BadImageCounter(DatasetView):
     """A map-style dataset whose unreadable images (skipped by timm) are named with their path and counted
-    across DataLoader workers; more than `limit` in one epoch raises DataReadError."""
+    across DataLoader workers; more than `limit` in one pass (`per`: train.py's epoch, validate.py's
+    evaluation) raises DataReadError."""
 
-    def __init__(self, dataset: torch.utils.data.Dataset, what: str, limit: int):
+    def __init__(self, dataset: torch.utils.data.Dataset, what: str, limit: int, per: str = "in one epoch"):
         import multiprocessing
 
-        self.dataset, self.what, self.limit = dataset, what, limit
+        self.dataset, self.what, self.limit, self.per = dataset, what, limit, per
         self.count = multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Value("i", 0)
 
     def __len__(self) -> int:
@@ -254,7 +255,7 @@ class BadImageCounter(DatasetView):
         finally:
             _reading.pop()
         if self.count.value > self.limit:
-            raise DataReadError(f"more than {self.limit} unreadable {self.what} images in one epoch (named in the "
+            raise DataReadError(f"more than {self.limit} unreadable {self.what} images {self.per} (named in the "
                                 "warnings above); fix or remove them, or raise --max-bad-images")
         return item
 
@@ -582,8 +583,12 @@ def prepare_loader(acc: Any, loader: torch.utils.data.DataLoader) -> Any:
 
 
 def eval_dataset(name: str, root: str | None, split: str, transform: Callable, *, num_samples: int | None = None,
-                 class_map: str = "") -> torch.utils.data.Dataset:
-    """validate.py's data set: `digits`, or a timm dataset / image folder under `root`, probed, with `transform`."""
+                 class_map: str = "", max_bad_images: int = DEFAULT_MAX_BAD_IMAGES) -> torch.utils.data.Dataset:
+    """validate.py's data set: `digits`, or a timm dataset / image folder under `root`, probed, with `transform`.
+
+    A map-style set other than digits counts its unreadable images (`BadImageCounter`, read back by
+    `take_bad_images`): timm reads the next image in the place of each, and more than `max_bad_images` stop
+    the evaluation."""
     if name != DIGITS:
         if not root:
             raise DataError("no data: give --data-dir (an image folder) or --dataset (e.g. digits)")
@@ -595,4 +600,11 @@ def eval_dataset(name: str, root: str | None, split: str, transform: Callable, *
     if len(dataset) == 0:
         raise DataError(f"dataset is empty: {root or name} (split {split!r})")
     dataset.transform = transform
-    return dataset
+    if name == DIGITS or isinstance(dataset, torch.utils.data.IterableDataset):  # streaming readers report their own
+        return dataset
+    return BadImageCounter(dataset, "validation", max_bad_images, per="in this evaluation")
+
+
+def take_bad_images(dataset: Any) -> int:
+    """The unreadable images an `eval_dataset` skipped since the last call (0 for a set that does not count)."""
+    return dataset.take_count() if isinstance(dataset, BadImageCounter) else 0
