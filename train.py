@@ -42,7 +42,8 @@ from we_timm import WeightEvolution
 from we_timm.recipes import errors, files, inspect, state
 from we_timm.recipes.args import get_args_parser, mixup_active, parse_args, we_config_from_args  # noqa: F401
 from we_timm.recipes.checkpoint import check_pretrained_reachable, load_into_model, load_weights
-from we_timm.recipes.data import DeviceInputs, build_train_loaders, load_train_data, prepare_loader, report_bad_images
+from we_timm.recipes.bad_images import report_bad_images
+from we_timm.recipes.data import DeviceInputs, build_train_loaders, load_train_data, prepare_loader
 from we_timm.recipes.engine import (Trainer, bind_evolution, check_backend, check_precision, cuda_settings, evaluate,
                                     evolve, loader_config, mixed_precision, steady_malloc, train_one_epoch)
 
@@ -128,7 +129,7 @@ def build_loss(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, M
 
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
     """Accelerate: `--amp` overrides the accelerate config's mixed precision; with CUDA, batches are copied to the
-    device without blocking (`loader_config`). The loaders' order and augmentation come from `data.EpochShuffle` /
+    device without blocking (`loader_config`). The loaders' order and augmentation come from `sampling.EpochShuffle` /
     `SeededSamples` (seeded by (seed, epoch, index)), so Accelerate is left no sampler to re-seed."""
     try:
         acc = Accelerator(

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from timm.data import create_transform  # noqa: E402
 from timm.optim import create_optimizer_v2, optimizer_kwargs  # noqa: E402
-from we_timm.recipes.data import DigitsDataset  # noqa: E402
+from we_timm.recipes.dataset import DigitsDataset  # noqa: E402
 
 CIFAR_IMAGES = 50_000
 

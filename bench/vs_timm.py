@@ -38,7 +38,7 @@ FLAGS = ["--model", "resnet18", "-b", "64", "--opt", "sgd", "--lr", "0.1", "--sc
 def digits_folder(root: Path) -> Path:
     """train/ and validation/ class folders of digits PNGs (the split of we_timm's built-in `digits`)."""
     sys.path.insert(0, str(ROOT))
-    from we_timm.recipes.data import DigitsDataset
+    from we_timm.recipes.dataset import DigitsDataset
 
     for split in ("train", "validation"):
         data = DigitsDataset(split)

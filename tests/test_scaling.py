@@ -277,7 +277,7 @@ def make_wds(root: Path, shards: int = 2, n_train: int = 96, n_val: int = 40) ->
     import io
     import tarfile
 
-    from we_timm.recipes.data import DigitsDataset
+    from we_timm.recipes.dataset import DigitsDataset
 
     root.mkdir(parents=True)
     info = {"name": "digits", "splits": {}}
@@ -305,7 +305,7 @@ def make_hf_folder(folder: Path, n_train: int = 96, n_val: int = 40) -> Path:
     """A local Hugging Face `datasets` folder: one parquet file per split, image + ClassLabel columns."""
     import datasets
 
-    from we_timm.recipes.data import DigitsDataset
+    from we_timm.recipes.dataset import DigitsDataset
 
     folder.mkdir(parents=True)
     features = datasets.Features({"image": datasets.Image(),
@@ -368,9 +368,9 @@ def test_hugging_face_datasets_from_a_local_folder(tmp_path: Path):
 
 
 def test_streaming_dataset_without_its_package(tmp_path: Path, monkeypatch):
-    from we_timm.recipes import data
+    from we_timm.recipes import dataset
 
-    monkeypatch.setitem(data.PACKAGES, "wds", "no_such_webdataset_package")
+    monkeypatch.setitem(dataset.PACKAGES, "wds", "no_such_webdataset_package")
     with pytest.raises(SystemExit) as e:
         train.cli([*TINY, "--epochs", "1", "--dataset", "wds/digits", "--data-dir", str(tmp_path),
                    "--output", str(tmp_path / "out")])
@@ -381,7 +381,7 @@ def test_streaming_dataset_without_its_package(tmp_path: Path, monkeypatch):
 
 def test_num_samples_of_a_class_sorted_folder_keeps_every_class():
     """--train-num-samples on a map-style set: a fixed random subset, not the first N (= the first classes)."""
-    from we_timm.recipes.data import FixedSubset
+    from we_timm.recipes.dataset import FixedSubset
 
     labels = [c for c in range(10) for _ in range(50)]  # class-sorted, like an ImageFolder
     subset = FixedSubset(labels, 60)

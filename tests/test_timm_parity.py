@@ -249,7 +249,7 @@ def _draw_index(keys, n: int) -> list[tuple[int, int]]:
 
 
 def test_aug_repeats_sampler_spreads_seeded_copies_over_ranks():
-    from we_timm.recipes.data import EpochShuffle, repeat_selection
+    from we_timm.recipes.sampling import EpochShuffle, repeat_selection
 
     n = 600
     ranks = [EpochShuffle(n, seed=3, repeats=3, rank=r, world=2) for r in range(2)]

@@ -22,7 +22,8 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from torch import nn
 
 from ..config import LAYER_KINDS, LEVELS, MATCHINGS, SELECTIONS, VARIANTS, WEConfig
-from .data import DEFAULT_MAX_BAD_IMAGES, PACKAGES, TRAIN_SPLITS
+from .bad_images import DEFAULT_MAX_BAD_IMAGES
+from .dataset import PACKAGES, TRAIN_SPLITS
 from .errors import UsageError, one_line
 from .state import resolve_resume, saved_args
 

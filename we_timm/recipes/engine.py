@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..evolution import WeightEvolution, is_dtensor
-from .data import sample_seed, seed_everything
+from .sampling import sample_seed, seed_everything
 from .errors import DataError, NonFiniteLossError, RankMismatchError, read_batches
 from .shards import is_sharded
 from .state import CheckpointKeeper, ResumePoint, save_recovery

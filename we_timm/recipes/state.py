@@ -5,7 +5,7 @@ EMA, optimizer, loss scaler, WE state, epoch and update counters, the checkpoint
 the arguments; it loads with `torch.load(weights_only=True)`. A recovery state (`recovery.pth.tar`, every
 --recovery-interval updates) is the same taken mid-epoch, plus how far the epoch got and each rank's loss sums.
 No RNG state is kept: every sample is augmented with RNGs seeded from (seed, epoch, index)
-(`data.SeededSamples`) and every training batch re-seeds from (seed, epoch, batch, rank) (`engine.seed_step`),
+(`sampling.SeededSamples`) and every training batch re-seeds from (seed, epoch, batch, rank) (`engine.seed_step`),
 so a resumed run draws the same numbers as the uninterrupted one, wherever it stopped.
 
 `CheckpointKeeper` decides which epochs are kept (timm's `CheckpointSaver` policy) and writes their files.
