@@ -71,19 +71,33 @@ class BadImageCounter(DatasetView):
         return n
 
 
-def report_bad_images(epoch: int, *datasets: Any) -> None:
-    """The end-of-epoch summary of the unreadable images each split skipped."""
-    for dataset in datasets:
-        while isinstance(dataset, DatasetView) and not isinstance(dataset, BadImageCounter):
-            dataset = dataset.dataset  # e.g. under SeededSamples
-        if isinstance(dataset, BadImageCounter):
-            n = dataset.take_count()
-            if n:
-                _logger.warning(f"epoch {epoch}: {n} unreadable {dataset.what} image(s) skipped (named above; the "
-                                f"run stops beyond --max-bad-images {dataset.limit} in one epoch)")
+def count_bad_images(dataset: Any, what: str, limit: int, per: str = "in one epoch") -> Any:
+    """`dataset` in a `BadImageCounter`; a streaming (iterable) set as it is: its readers report their own errors."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return dataset
+    return BadImageCounter(dataset, what, limit, per)
 
+
+def _counter(dataset: Any) -> BadImageCounter | None:
+    """The `BadImageCounter` of `dataset`, under any views (e.g. `SeededSamples`); None for a set that counts none."""
+    while isinstance(dataset, DatasetView) and not isinstance(dataset, BadImageCounter):
+        dataset = dataset.dataset
+    return dataset if isinstance(dataset, BadImageCounter) else None
 
 
 def take_bad_images(dataset: Any) -> int:
-    """The unreadable images an `eval_dataset` skipped since the last call (0 for a set that does not count)."""
-    return dataset.take_count() if isinstance(dataset, BadImageCounter) else 0
+    """The unreadable images `dataset` skipped since the last call (0 for a set that does not count)."""
+    counter = _counter(dataset)
+    return counter.take_count() if counter is not None else 0
+
+
+def report_bad_images(epoch: int, *datasets: Any) -> None:
+    """The end-of-epoch summary of the unreadable images each split skipped."""
+    for dataset in datasets:
+        counter = _counter(dataset)
+        if counter is None:
+            continue
+        n = counter.take_count()
+        if n:
+            _logger.warning(f"epoch {epoch}: {n} unreadable {counter.what} image(s) skipped (named above; the "
+                            f"run stops beyond --max-bad-images {counter.limit} {counter.per})")

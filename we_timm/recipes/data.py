@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch.utils.data
 
-from .bad_images import DEFAULT_MAX_BAD_IMAGES, BadImageCounter
+from .bad_images import DEFAULT_MAX_BAD_IMAGES, count_bad_images
 from .dataset import DIGITS, check_same_classes, create_dataset, num_classes_of, probe_dataset
 from .errors import DataError, one_line
 from .sampling import EpochShuffle, SeededSamples
@@ -26,9 +26,9 @@ def load_train_data(args: Any) -> tuple[Any, Any, int | None]:
     classes = num_classes_of(train)
     if args.num_classes and classes and args.num_classes < classes:
         raise DataError(f"--num-classes {args.num_classes} is less than the {classes} classes of the training data")
-    if args.dataset != DIGITS:  # streaming readers report their own errors
-        train, val = (d if isinstance(d, torch.utils.data.IterableDataset) else BadImageCounter(d, what,
-                      args.max_bad_images) for d, what in ((train, "training"), (val, "validation")))
+    if args.dataset != DIGITS:
+        train, val = (count_bad_images(d, what, args.max_bad_images)
+                      for d, what in ((train, "training"), (val, "validation")))
     return train, val, classes
 
 
@@ -142,7 +142,7 @@ def eval_dataset(name: str, root: str | None, split: str, transform: Callable, *
                  class_map: str = "", max_bad_images: int = DEFAULT_MAX_BAD_IMAGES) -> torch.utils.data.Dataset:
     """validate.py's data set: `digits`, or a timm dataset / image folder under `root`, probed, with `transform`.
 
-    A map-style set other than digits counts its unreadable images (`BadImageCounter`, read back by
+    A map-style set other than digits counts its unreadable images (`count_bad_images`, read back by
     `take_bad_images`): timm reads the next image in the place of each, and more than `max_bad_images` stop
     the evaluation."""
     if name != DIGITS:
@@ -156,6 +156,4 @@ def eval_dataset(name: str, root: str | None, split: str, transform: Callable, *
     if len(dataset) == 0:
         raise DataError(f"dataset is empty: {root or name} (split {split!r})")
     dataset.transform = transform
-    if name == DIGITS or isinstance(dataset, torch.utils.data.IterableDataset):  # streaming readers report their own
-        return dataset
-    return BadImageCounter(dataset, "validation", max_bad_images, per="in this evaluation")
+    return dataset if name == DIGITS else count_bad_images(dataset, "validation", max_bad_images, "in this evaluation")
