@@ -39,13 +39,18 @@ from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from we_timm import WeightEvolution
-from we_timm.recipes import errors, files, inspect, state
-from we_timm.recipes.args import get_args_parser, mixup_active, parse_args, we_config_from_args  # noqa: F401
-from we_timm.recipes.checkpoint import check_pretrained_reachable, load_into_model, load_weights
+from we_timm.recipes import errors, files, inspect, resuming, state
+from we_timm.recipes.args import get_args_parser, parse_args  # noqa: F401
+from we_timm.recipes.args_checks import mixup_active, we_config_from_args
 from we_timm.recipes.bad_images import report_bad_images
+from we_timm.recipes.checkpoint import load_weights
 from we_timm.recipes.data import DeviceInputs, build_train_loaders, load_train_data, prepare_loader
-from we_timm.recipes.engine import (Trainer, bind_evolution, check_backend, check_precision, cuda_settings, evaluate,
-                                    evolve, loader_config, mixed_precision, steady_malloc, train_one_epoch)
+from we_timm.recipes.engine import Trainer, evaluate, train_one_epoch
+from we_timm.recipes.evolve import evolve
+from we_timm.recipes.keeper import CheckpointKeeper
+from we_timm.recipes.models import check_pretrained_reachable, load_into_model
+from we_timm.recipes.runtime import (bind_evolution, check_backend, check_precision, cuda_settings, loader_config,
+                                     mixed_precision, steady_malloc)
 
 _logger = logging.getLogger("train")
 
@@ -178,11 +183,11 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
     loader_train, loader_eval = (prepare_loader(acc, loader) for loader in loaders)
     if len(loader_train) == 0:
         raise ValueError(f"{len(train_set)} training images make no batch of {args.batch_size} per process")
-    resumed = state.load_state(args.resume) if args.resume and args.resume != "auto" else None
-    state.check_same_start(acc.num_processes, args.resume, resumed)
+    resumed = resuming.load_state(args.resume) if args.resume and args.resume != "auto" else None
+    resuming.check_same_start(acc.num_processes, args.resume, resumed)
     if resumed is not None:
-        state.check_resumable(args, resumed.get("args", {}), args.resume)
-        load_into_model(model, state.model_weights(resumed))  # before EMA and optimizer are derived from it
+        resuming.check_resumable(args, resumed.get("args", {}), args.resume)
+        load_into_model(model, resuming.model_weights(resumed))  # before EMA and optimizer are derived from it
     model.to(acc.device, dtype=getattr(torch, args.model_dtype or "float32"))
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -206,7 +211,7 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
     t = Trainer(
         args, acc, model, model, optimizer, scheduler, loss_fn.to(acc.device), mixup_fn, ema,
         WeightEvolution(model, we_config) if we_config else None, loader_train, loader_eval, num_epochs, meta,
-        state.CheckpointKeeper(None, args.checkpoint_hist, decreasing=args.eval_metric == "loss"),
+        CheckpointKeeper(None, args.checkpoint_hist, decreasing=args.eval_metric == "loss"),
     )
     if we_config and ema is not None and args.we_ema == "evolve":
         t.we_ema = WeightEvolution(ema.module, we_config)
@@ -229,7 +234,7 @@ def make_output_dir(t: Trainer) -> None:
     size = t.meta["data_config"]["input_size"][-1]
     name = args.experiment or f"{datetime.now():%Y%m%d-%H%M%S}-{safe_model_name(args.model)}-{size}"
     out_dir = os.path.join(args.output or "./output/train", name)
-    state.check_run_folder_free(out_dir, args.resume)
+    resuming.check_run_folder_free(out_dir, args.resume)
     os.makedirs(out_dir, exist_ok=True)
     for tmp in files.remove_stale_temps(out_dir):
         _logger.warning(f"removed {tmp}, a partial file left by an interrupted checkpoint write")
@@ -356,7 +361,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def fit(args: argparse.Namespace, acc: Accelerator) -> dict[str, Any]:
     """Everything after the Accelerator: set up, restore, train the epochs, write the final files."""
     if args.experiment:  # before the data are read; make_output_dir checks it again for a generated name
-        state.check_run_folder_free(os.path.join(args.output or "./output/train", args.experiment), args.resume)
+        resuming.check_run_folder_free(os.path.join(args.output or "./output/train", args.experiment), args.resume)
     t, resumed = setup(args, acc)
     start_epoch = start(t, resumed)
     params = sum(p.numel() for p in t.raw_model.parameters()) / 1e6

@@ -35,15 +35,15 @@ from timm.layers import apply_test_time_pool
 from timm.utils import reparameterize_model
 
 from we_timm.recipes import errors, files
-from we_timm.recipes.args import DEFAULT_EVAL_BATCH_SIZE
-from we_timm.recipes.args import get_validate_parser as get_args_parser
-from we_timm.recipes.checkpoint import (check_pretrained_reachable, checkpoint_files, create_model_from_checkpoint,
-                                        local_models, model_name)
+from we_timm.recipes.args_validate import DEFAULT_EVAL_BATCH_SIZE
+from we_timm.recipes.args_validate import get_validate_parser as get_args_parser
 from we_timm.recipes.bad_images import take_bad_images
 from we_timm.recipes.data import DeviceInputs, eval_dataset, pin_memory, prepare_loader
-from we_timm.recipes.engine import (check_precision, cuda_settings, evaluate, loader_config, mixed_precision,
-                                    steady_malloc)
+from we_timm.recipes.engine import evaluate
 from we_timm.recipes.errors import CheckpointError, DataError
+from we_timm.recipes.models import (check_pretrained_reachable, checkpoint_files, create_model_from_checkpoint,
+                                    local_models, model_name)
+from we_timm.recipes.runtime import check_precision, cuda_settings, loader_config, mixed_precision, steady_malloc
 
 _logger = logging.getLogger("validate")
 

@@ -409,7 +409,7 @@ def milestones_of(argv: list[str]) -> list[int]:
     sys.path.insert(0, str(ROOT))
     import train
 
-    from we_timm.recipes.args import lr_decay_epochs
+    from we_timm.recipes.args_checks import lr_decay_epochs
 
     return lr_decay_epochs(train.parse_args(argv))
 

@@ -27,7 +27,7 @@ import torch
 
 import train
 from we_timm.evolution import WeightEvolution
-from we_timm.recipes import engine, files, state
+from we_timm.recipes import engine, files, keeper, state
 
 POINTS = ("train", "eval", "checkpoint", "we", "save")
 ACTION = "kill"
@@ -113,7 +113,7 @@ def install(spec: str) -> None:
 
         train.evaluate = evaluate_then_die
     elif point == "checkpoint":
-        atomic_save = state.atomic_save
+        atomic_save = keeper.atomic_save
 
         def partial_save(obj, path):
             if now["epoch"] == epoch and str(path).endswith("last.pth.tar"):
@@ -125,8 +125,8 @@ def install(spec: str) -> None:
                 _die()
             atomic_save(obj, path)
 
-        state.atomic_save = partial_save
-    elif point == "save":  # the CheckpointKeeper's file operations, as state.py calls them
+        keeper.atomic_save = partial_save  # CheckpointKeeper.save writes last.pth.tar
+    elif point == "save":  # the file operations of checkpoint keeping and release files, in the order made
         ops = {"n": 0}
 
         def counted(operation):
@@ -138,8 +138,10 @@ def install(spec: str) -> None:
                 return operation(*a, **k)
             return op
 
-        for name in ("save_safetensors", "atomic_save", "link_or_copy", "remove"):
-            setattr(state, name, counted(getattr(state, name)))
+        for module in (keeper, state):
+            for name in ("save_safetensors", "atomic_save", "link_or_copy", "remove"):
+                if hasattr(module, name):
+                    setattr(module, name, counted(getattr(module, name)))
     else:  # we
         step = WeightEvolution.step
 

@@ -6,7 +6,7 @@
 Every rank builds the same perturbed models, shards one copy with `fully_shard` over a CPU device mesh and
 keeps one whole. "we" (the default): two WE steps on each, then the gathered parameters are compared with the
 unsharded ones. "state": train.py's save / resume functions (`state.full_state`, `state.restore_optimizer`,
-`engine.zero_changed_state`, `engine.check_ranks_agree`) around training steps, against the unsharded model
+`evolve.zero_changed_state`, `evolve.check_ranks_agree`) around training steps, against the unsharded model
 trained identically (`state_report`). Rank 0 writes the comparison to OUT.json.
 """
 from __future__ import annotations
@@ -31,8 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import perturb  # noqa: E402
 
 from we_timm import WEConfig, WeightEvolution  # noqa: E402
-from we_timm.recipes import engine, state  # noqa: E402
-from we_timm.recipes.checkpoint import atomic_save, load_into_model, torch_load  # noqa: E402
+from we_timm.recipes import engine, evolve, state  # noqa: E402
+from we_timm.recipes.checkpoint import atomic_save, torch_load  # noqa: E402
+from we_timm.recipes.models import load_into_model  # noqa: E402
 from we_timm.recipes.errors import exit_process  # noqa: E402
 
 CONFIGS = {
@@ -152,7 +153,7 @@ def resume_args(path: str, opt: str) -> SimpleNamespace:
 
 
 class Gloo:
-    """What `engine.check_ranks_agree` uses of the Accelerator."""
+    """What `evolve.check_ranks_agree` uses of the Accelerator."""
 
     num_processes = 2
 
@@ -164,11 +165,11 @@ class Gloo:
 
 
 def rank_check(model: nn.Module, dist_bn: str | None) -> str:
-    """`engine.check_ranks_agree` on the sharded model: which tensors it compares, and what it says."""
+    """`evolve.check_ranks_agree` on the sharded model: which tensors it compares, and what it says."""
     t = SimpleNamespace(raw_model=model, model_ema=None, args=SimpleNamespace(dist_bn=dist_bn), accelerator=Gloo())
     try:
-        engine.check_ranks_agree(t, 0)
-        return f"agree ({len(engine.synced_tensors(t))} compared)"
+        evolve.check_ranks_agree(t, 0)
+        return f"agree ({len(evolve.synced_tensors(t))} compared)"
     except Exception as e:  # noqa: BLE001 - reported
         return f"{type(e).__name__}: {e}"
 
@@ -242,7 +243,7 @@ def state_case(name: str, mesh, folder: str) -> dict:
         we = WeightEvolution(model, cfg)
         before = {u.param: u.param.detach().clone() for u in we.units}
         we.step(0)
-        resets.append(engine.zero_changed_state(opt, before))
+        resets.append(evolve.zero_changed_state(opt, before))
     r["we_opt_state_reset"] = resets
     distribute_bn(fresh, dist.get_world_size(), True)
     r["dist_bn_buffers"] = compare_tensors(dict(fresh.named_buffers()), dict(whole.named_buffers()))

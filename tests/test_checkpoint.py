@@ -13,11 +13,11 @@ from we_timm.recipes.checkpoint import (
     atomic_save,
     ema_sibling,
     is_safetensors_file,
-    load_into_model,
     load_weights,
     read_metadata,
     save_safetensors,
 )
+from we_timm.recipes.models import load_into_model
 
 META = {
     "format": "we_timm",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,14 @@ def test_scripts_do_not_import_each_other():
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not names & {"train", "validate"}, script
+
+
+def test_every_recipes_module_is_listed():
+    """README's Layout and the recipes package's docstring name each module of we_timm/recipes/."""
+    import we_timm.recipes
+
+    modules = {p.stem for p in (ROOT / "we_timm" / "recipes").glob("*.py")} - {"__init__"}
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("we_timm/recipes/ ", 1)[1].split("train.py, validate.py ", 1)[0]
+    assert modules == set(re.findall(r"^  (\w+)\.py ", layout, re.M))
+    assert modules == set(re.findall(r"^    (\w+) ", we_timm.recipes.__doc__, re.M))

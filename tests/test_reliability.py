@@ -25,12 +25,12 @@ import train
 import validate
 from test_train import DIGITS, ROOT, TINY, _free_port, digits_run, make_image_folder, no_time, read_csv, run_train, subprocess_env  # noqa: F401  (digits_run: fixture)
 from test_validate import _args, _model, image_dir, run_dir  # noqa: F401  (fixtures)
-from we_timm.recipes import args as train_args
+from we_timm.recipes import args_checks
 from we_timm.recipes import export
 from we_timm.recipes import errors as we_cli
-from we_timm.recipes import state
+from we_timm.recipes import resuming
 from we_timm.recipes.checkpoint import atomic_save, load_weights, save_safetensors
-from we_timm.recipes.state import STATE_FORMAT
+from we_timm.recipes.resuming import STATE_FORMAT
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
@@ -313,7 +313,7 @@ def test_usage_errors_are_one_line(tmp_path: Path, script: str, argv: list[str],
 
 
 def test_train_tensorboard_missing_is_one_line_error(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(train_args, "is_tensorboard_available", lambda: False)
+    monkeypatch.setattr(args_checks, "is_tensorboard_available", lambda: False)
     with pytest.raises(SystemExit) as e:
         train.cli([*TINY, "--epochs", "1", "--log-tensorboard", "--output", str(tmp_path / "out")])
     assert str(e.value.code) == "error: --log-tensorboard needs tensorboard: pip install 'we_timm[tensorboard]'"
@@ -437,7 +437,7 @@ def test_a_folder_without_checkpoints_does_not_block_the_next_run(tmp_path: Path
         train.cli(["--resume", str(tmp_path / "out" / "x")])
     assert "run the command without --resume (or with --resume auto)" in str(e.value.code)
     assert train.cli([*TINY, *DIGITS, "--epochs", "1", "--output", str(tmp_path / "out"), "--experiment", "x"]) == 0
-    assert state.load_state(str(tmp_path / "out" / "x" / "last.pth.tar"))["epoch"] == 0
+    assert resuming.load_state(str(tmp_path / "out" / "x" / "last.pth.tar"))["epoch"] == 0
 
 
 @pytest.mark.parametrize("script", ["train.py", "validate.py"])
@@ -523,13 +523,13 @@ def test_ctrl_c_exits_130_leaving_complete_files(tmp_path: Path):
     run = tmp_path / "c"
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
     released = load_weights(run / "last.safetensors")[1]  # the stop releases the newest epoch's weights
-    assert released["token"] == state.load_state(str(run / "last.pth.tar"))["token"]
+    assert released["token"] == resuming.load_state(str(run / "last.pth.tar"))["token"]
     for p in run.iterdir():
         if p.name.endswith(".safetensors"):
             load_weights(p)
         elif p.name.endswith(".pth.tar"):
-            state.load_state(str(p))
-    epoch = state.load_state(state.newest_state(str(run)))["epoch"]
+            resuming.load_state(str(p))
+    epoch = resuming.load_state(resuming.newest_state(str(run)))["epoch"]
     out = run_train([*argv[2:-6], "--epochs", str(epoch + 2), "--output", str(tmp_path), "--experiment", "c",
                      "--resume", "auto"], cwd=tmp_path)
     assert load_weights(run / "last.safetensors")[1]["epoch"] == epoch + 1, out[-2000:]
@@ -567,11 +567,11 @@ def test_kill_then_resume_is_bitwise_identical(digits_run: Path, tmp_path: Path,
     else:
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     run = tmp_path / "out" / "run"
-    newest = state.newest_state(str(run))
+    newest = resuming.newest_state(str(run))
     if saved_epoch is None:
         assert newest is None
     else:  # atomic writes: the newest complete state is loadable, whatever the kill interrupted
-        assert state.load_state(newest)["epoch"] == saved_epoch
+        assert resuming.load_state(newest)["epoch"] == saved_epoch
     partial = [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
     assert bool(partial) == fault.startswith("kill:checkpoint"), partial
 
@@ -598,9 +598,9 @@ def _same_run_files(a: Path, b: Path) -> None:
             assert mx["epoch"] == my["epoch"] and mx["metrics"] == my["metrics"], p.name
             assert all(torch.equal(x[k], y[k]) for k in x), p.name
         elif p.name.endswith(".pth.tar"):
-            x, y = state.load_state(str(p)), state.load_state(str(b / p.name))
+            x, y = resuming.load_state(str(p)), resuming.load_state(str(b / p.name))
             assert x["epoch"] == y["epoch"] and x["checkpoints"] == y["checkpoints"], p.name
-            wx, wy = state.model_weights(x), state.model_weights(y)
+            wx, wy = resuming.model_weights(x), resuming.model_weights(y)
             assert all(torch.equal(wx[k], wy[k]) for k in wx), p.name
     assert no_time(read_csv(a / "summary.csv")) == no_time(read_csv(b / "summary.csv"))
 
@@ -641,7 +641,7 @@ def test_official_variant_killed_in_we_step_resumes_exactly(tmp_path: Path):
     a, _ = load_weights(tmp_path / "full" / "last.safetensors")
     b, _ = load_weights(tmp_path / "run" / "last.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    counters = [state.load_state(str(tmp_path / name / "last.pth.tar"))["we"] for name in ("full", "run")]
+    counters = [resuming.load_state(str(tmp_path / name / "last.pth.tar"))["we"] for name in ("full", "run")]
     assert counters[0] == counters[1] and counters[0]["counters"], counters[0]
     assert no_time(read_csv(tmp_path / "run" / "summary.csv")) == no_time(read_csv(tmp_path / "full" / "summary.csv"))
 
@@ -686,10 +686,10 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(digits_run: Path, tmp_p
                     r"the newest checkpoint, last.pth.tar of epoch 0, predates it and is intact", last_line), last_line
     assert "Traceback" not in proc.stderr
     run = tmp_path / "nan"
-    assert state.load_state(str(run / "last.pth.tar"))["epoch"] == 0 and not (run / "checkpoint-1.pth.tar").exists()
-    epoch0 = state.load_state(str(digits_run / "checkpoint-0.pth.tar"))
+    assert resuming.load_state(str(run / "last.pth.tar"))["epoch"] == 0 and not (run / "checkpoint-1.pth.tar").exists()
+    epoch0 = resuming.load_state(str(digits_run / "checkpoint-0.pth.tar"))
     for name in ("last.safetensors", "last_ema.safetensors"):  # released on the stop: the epoch-0 weights, finite
-        a = state.model_weights(epoch0, ema="ema" in name)
+        a = resuming.model_weights(epoch0, ema="ema" in name)
         b, meta = load_weights(run / name)
         assert meta["epoch"] == 0 and all(torch.equal(a[k], b[k]) for k in a), name
     assert len(read_csv(run / "summary.csv")) == 1
@@ -702,8 +702,8 @@ def test_non_finite_weights_stop_before_the_checkpoint(tmp_path: Path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "error: the validation loss of the model became nan in epoch 1; training stopped before saving epoch 1")
-    saved = state.load_state(str(tmp_path / "w" / "last.pth.tar"))
-    assert saved["epoch"] == 0 and all(torch.isfinite(v).all() for v in state.model_weights(saved).values())
+    saved = resuming.load_state(str(tmp_path / "w" / "last.pth.tar"))
+    assert saved["epoch"] == 0 and all(torch.isfinite(v).all() for v in resuming.model_weights(saved).values())
 
 
 def test_resume_with_more_epochs_warns_and_continues(digits_run: Path, tmp_path: Path):  # noqa: F811
@@ -764,7 +764,7 @@ def test_ddp_rank_killed_ends_the_run(tmp_path: Path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.match(r"error: (terminated by SIGTERM|process 0 of 2 stopped: a collective "
                                          r"failed)", errors[0]), proc.stderr[-3000:]
-    assert state.load_state(str(tmp_path / "ddp" / "last.pth.tar"))["epoch"] == 0
+    assert resuming.load_state(str(tmp_path / "ddp" / "last.pth.tar"))["epoch"] == 0
 
 
 def test_ddp_rank_hung_times_out_with_clear_error(tmp_path: Path):
@@ -773,7 +773,7 @@ def test_ddp_rank_hung_times_out_with_clear_error(tmp_path: Path):
     assert proc.returncode != 0 and seconds < 150, seconds
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "process 0 of 2 stopped: a collective failed" in errors[0], proc.stderr[-3000:]
-    assert state.load_state(str(tmp_path / "ddp" / "last.pth.tar"))["epoch"] == 0
+    assert resuming.load_state(str(tmp_path / "ddp" / "last.pth.tar"))["epoch"] == 0
 
 
 class _FakeAccelerator:
@@ -816,12 +816,12 @@ def test_processes_must_resume_the_same_state(monkeypatch, tmp_path: Path):
     """`--resume auto` is resolved by every process; a folder not shared by all would split the run."""
     acc = SimpleNamespace(num_processes=2)
     other = [("", None)]  # what the second process found: nothing, so it would start a new run
-    monkeypatch.setattr(state, "gather_object", lambda mine: mine + other)
+    monkeypatch.setattr(resuming, "gather_object", lambda mine: mine + other)
     with pytest.raises(ValueError, match=r"processes would start from different states \(process 0: .*last.pth.tar "
                                          r"\(epoch 4\), process 1: a new run \(epoch None\)\)"):
-        state.check_same_start(acc.num_processes, str(tmp_path / "last.pth.tar"), {"epoch": 4})
+        resuming.check_same_start(acc.num_processes, str(tmp_path / "last.pth.tar"), {"epoch": 4})
     other[:] = [(str(tmp_path / "last.pth.tar"), 4)]
-    state.check_same_start(acc.num_processes, str(tmp_path / "last.pth.tar"), {"epoch": 4})  # agreeing processes pass
+    resuming.check_same_start(acc.num_processes, str(tmp_path / "last.pth.tar"), {"epoch": 4})  # agreeing processes pass
 
 
 def test_exit_process_runs_atexit_flushes_and_keeps_the_status(tmp_path: Path):
@@ -851,7 +851,7 @@ def test_steady_malloc_keeps_freed_memory_for_the_next_step():
     # variable set, the user's choice wins: steady_malloc changes nothing, and at glibc's initial 128 KiB trim
     # threshold every step faults its 45 MiB in again.
     code = ("import resource, torch\n"
-            "from we_timm.recipes.engine import steady_malloc\n"
+            "from we_timm.recipes.runtime import steady_malloc\n"
             "applied = steady_malloc()\n"
             "big = torch.ones(20 << 20, dtype=torch.uint8); del big\n"
             "faults = []\n"

@@ -21,9 +21,9 @@ from helpers import perturb
 from test_reliability import DIGITS_RUN_ARGS, run_fault
 from test_train import DIGITS, ROOT, TINY, _free_port, digits_run, no_time, read_csv, run_train, subprocess_env  # noqa: F401
 from we_timm import WEConfig, WeightEvolution
-from we_timm.recipes import engine
-from we_timm.recipes.checkpoint import load_weights
-from we_timm.recipes.state import atomic_save, load_state, newest_state
+from we_timm.recipes import runtime
+from we_timm.recipes.checkpoint import atomic_save, load_weights
+from we_timm.recipes.resuming import load_state, newest_state
 
 FAULT_RUNNER = str(ROOT / "tests" / "fault_runner.py")
 
@@ -52,11 +52,11 @@ def test_bind_evolution_follows_replaced_parameters():
     prepared = nn.Module()
     prepared.module = perturb(timm.create_model("test_resnet", num_classes=3), seed=1)  # new parameter objects
     acc = SimpleNamespace(unwrap_model=lambda m: m.module)
-    bound = engine.bind_evolution(acc, prepared, we)
+    bound = runtime.bind_evolution(acc, prepared, we)
     new_params = {id(p) for p in prepared.module.parameters()}
     assert bound.units and all(id(u.param) in new_params for u in bound.units)
     assert bound.state_dict() == we.state_dict() and bound.config == we.config
-    assert engine.bind_evolution(acc, prepared, None) is None
+    assert runtime.bind_evolution(acc, prepared, None) is None
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -74,19 +74,19 @@ def test_deepspeed_refuses_weight_evolution_and_fsdp_runs_version_2_only():
     acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, device=torch.device("cuda"))
     plain = dict(weight_evolution=True, sync_bn=False, model_ema=False, clip_grad=None, clip_mode="norm")
     with pytest.raises(ValueError, match="--weight-evolution does not run under DeepSpeed"):
-        engine.check_backend(acc, SimpleNamespace(**plain))
-    engine.check_backend(acc, SimpleNamespace(**{**plain, "weight_evolution": False, "sync_bn": True}))  # baseline
+        runtime.check_backend(acc, SimpleNamespace(**plain))
+    runtime.check_backend(acc, SimpleNamespace(**{**plain, "weight_evolution": False, "sync_bn": True}))  # baseline
     acc.distributed_type = DistributedType.FSDP
     acc.state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2))
-    engine.check_backend(acc, SimpleNamespace(**plain))  # FSDP2 + WE: the path tests/fsdp2_worker.py checks
-    engine.check_backend(acc, SimpleNamespace(**{**plain, "clip_grad": 1.0}))
+    runtime.check_backend(acc, SimpleNamespace(**plain))  # FSDP2 + WE: the path tests/fsdp2_worker.py checks
+    runtime.check_backend(acc, SimpleNamespace(**{**plain, "clip_grad": 1.0}))
     for change, message in (({"model_ema": True}, "--model-ema does not run under FSDP"),
                             ({"clip_grad": 1.0, "clip_mode": "agc"}, "--clip-mode agc does not run under FSDP")):
         with pytest.raises(ValueError, match=message):
-            engine.check_backend(acc, SimpleNamespace(**{**plain, **change}))
+            runtime.check_backend(acc, SimpleNamespace(**{**plain, **change}))
     acc.state.fsdp_plugin.fsdp_version = 1
     with pytest.raises(ValueError, match="FSDP version 2 only, this is version 1"):
-        engine.check_backend(acc, SimpleNamespace(**plain))
+        runtime.check_backend(acc, SimpleNamespace(**plain))
 
 
 def test_fsdp2_checkpoints_hold_the_whole_state_and_resume_anywhere(tmp_path: Path):

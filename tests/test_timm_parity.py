@@ -17,9 +17,9 @@ from timm.optim import create_optimizer_v2
 
 import train
 from test_train import DIGITS, TINY, digits_run, read_csv, run_train  # noqa: F401  (digits_run: fixture)
-from we_timm.recipes import state
+from we_timm.recipes import resuming
 from we_timm.recipes.checkpoint import load_weights
-from we_timm.recipes.state import load_state
+from we_timm.recipes.resuming import load_state
 
 TIMM_ARGS = Path(__file__).parent / "fixtures" / "timm_args.yaml"  # written by timm 1.0.29's train.py
 
@@ -101,17 +101,17 @@ def test_cuda_runs_get_timms_settings_and_non_blocking_pinned_copies(monkeypatch
     from accelerate.utils import DataLoaderConfiguration
     from torch.backends import cuda, cudnn
 
-    from we_timm.recipes import data, engine
+    from we_timm.recipes import data, runtime
 
     before = cuda.matmul.allow_tf32, cudnn.benchmark
     try:
         cuda.matmul.allow_tf32, cudnn.benchmark = False, False
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        assert not engine.cuda_settings() and (cuda.matmul.allow_tf32, cudnn.benchmark) == (False, False)
-        assert not engine.loader_config().non_blocking
+        assert not runtime.cuda_settings() and (cuda.matmul.allow_tf32, cudnn.benchmark) == (False, False)
+        assert not runtime.loader_config().non_blocking
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        assert engine.cuda_settings() and (cuda.matmul.allow_tf32, cudnn.benchmark) == (True, True)
-        assert engine.loader_config().non_blocking
+        assert runtime.cuda_settings() and (cuda.matmul.allow_tf32, cudnn.benchmark) == (True, True)
+        assert runtime.loader_config().non_blocking
     finally:
         cuda.matmul.allow_tf32, cudnn.benchmark = before
     monkeypatch.undo()
@@ -139,7 +139,7 @@ def test_cuda_runs_get_timms_settings_and_non_blocking_pinned_copies(monkeypatch
     args = train.parse_args([*TINY, *DIGITS, "--pin-mem"])
     t, _ = train.setup(args, train.build_accelerator(args))
     assert t.loader_train.pin_memory and t.loader_eval.pin_memory
-    assert "pin_mem" not in state.saved_args(str(digits_run / "last.pth.tar"))  # resumed: this machine's default
+    assert "pin_mem" not in resuming.saved_args(str(digits_run / "last.pth.tar"))  # resumed: this machine's default
     stream = torch.utils.data.DataLoader(_Stream(), batch_size=2)  # a streaming set: placed, not sharded, by us
     assert data.prepare_loader(SimpleNamespace(device=cpu, non_blocking=True), stream)._non_blocking
     pinned = []

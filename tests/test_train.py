@@ -27,10 +27,10 @@ from PIL import Image
 
 import train
 from we_timm import WEConfig
-from we_timm.recipes import engine, errors, files, state
+from we_timm.recipes import engine, errors, evolve, files, resuming, state
 from we_timm.recipes.checkpoint import load_weights
-from we_timm.recipes.engine import checksums
-from we_timm.recipes.state import CheckpointKeeper
+from we_timm.recipes.evolve import checksums
+from we_timm.recipes.keeper import CheckpointKeeper
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
@@ -106,15 +106,15 @@ def test_release_files_hold_their_training_states(digits_run: Path):
     """`last*` / `model_best*.safetensors`, written when the run ends, are the weights of `last.pth.tar` /
     `model_best.pth.tar`, with that epoch's evaluation and the state's token in their metadata."""
     for stem in ("last", "model_best"):
-        saved = state.load_state(str(digits_run / f"{stem}.pth.tar"))
+        saved = resuming.load_state(str(digits_run / f"{stem}.pth.tar"))
         assert saved["metrics"]["model"].keys() == saved["metrics"]["ema"].keys() == {"loss", "top1", "top5"}
         for kind, suffix in (("model", ""), ("ema", "_ema")):
             weights, meta = load_weights(digits_run / f"{stem}{suffix}.safetensors")
-            expected = state.model_weights(saved, ema=kind == "ema")
+            expected = resuming.model_weights(saved, ema=kind == "ema")
             assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
             assert (meta["epoch"], meta["token"], meta["ema"]) == (saved["epoch"], saved["token"], kind == "ema")
             assert meta["metrics"] == saved["metrics"][kind]
-    best = read_csv(digits_run / "summary.csv")[state.load_state(str(digits_run / "model_best.pth.tar"))["epoch"]]
+    best = read_csv(digits_run / "summary.csv")[resuming.load_state(str(digits_run / "model_best.pth.tar"))["epoch"]]
     assert load_weights(digits_run / "model_best_ema.safetensors")[1]["metrics"]["top1"] == float(best["eval_top1"])
 
 
@@ -276,16 +276,16 @@ def test_rank_mismatch_is_reported(dist_bn: str, ema: bool):
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     t = SimpleNamespace(raw_model=model, args=SimpleNamespace(dist_bn=dist_bn),
                         model_ema=SimpleNamespace(module=copy.deepcopy(model)) if ema else None)
-    names = [n for n, _ in engine.synced_tensors(t)]
+    names = [n for n, _ in evolve.synced_tensors(t)]
     expected = ["0.weight", "0.bias", "1.weight", "1.bias"]
     expected += ["1.running_mean", "1.running_var"] if dist_bn else []
     assert names == expected + [f"ema.{n}" for n in expected if ema]
     for bad in range(len(names)):
-        other = checksums(v for _, v in engine.synced_tensors(t)).clone()
+        other = checksums(v for _, v in evolve.synced_tensors(t)).clone()
         other[bad] += 1
         t.accelerator = SimpleNamespace(gather=lambda x: torch.cat([x, other[None]]), num_processes=2)
         with pytest.raises(errors.RankMismatchError, match=re.escape(names[bad])):
-            engine.check_ranks_agree(t, epoch=3)
+            evolve.check_ranks_agree(t, epoch=3)
 
 
 def test_checkpoint_keeper_keeps_top_k(tmp_path: Path):
@@ -299,7 +299,7 @@ def test_checkpoint_keeper_keeps_top_k(tmp_path: Path):
 
 def _epoch_state(epoch: int, token: str | None, ema: bool, kept: list, best: list) -> dict:
     weights = {"w": torch.full((2,), float(epoch))}
-    return {"format": state.STATE_FORMAT, "version": state.STATE_VERSION, "epoch": epoch, "token": token,
+    return {"format": resuming.STATE_FORMAT, "version": resuming.STATE_VERSION, "epoch": epoch, "token": token,
             "metrics": {"model": {"top1": float(epoch)}, "ema": {"top1": -float(epoch)}}, "state_dict": weights,
             "state_dict_ema": {"w": -weights["w"]} if ema else None, "checkpoints": {"kept": kept, "best": best},
             "architecture": "test_resnet", "num_classes": 2}
@@ -310,7 +310,8 @@ def test_release_files_follow_the_states_on_disk(tmp_path: Path):
     state once (model_best of the same state: a link), rewrites what another state left, removes an EMA file
     a state without EMA would leave stale, and rewrites nothing on a second call; bulk validation lists each
     set of weights once, without recovery.pth.tar."""
-    from we_timm.recipes.checkpoint import atomic_save, checkpoint_files, read_metadata
+    from we_timm.recipes.checkpoint import atomic_save, read_metadata
+    from we_timm.recipes.models import checkpoint_files
 
     t = SimpleNamespace(out_dir=str(tmp_path), keeper=CheckpointKeeper(str(tmp_path), max_history=2))
     names = lambda paths: sorted(os.path.basename(p) for p in paths)  # noqa: E731

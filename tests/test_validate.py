@@ -15,8 +15,9 @@ from PIL import Image
 from timm.data import create_transform
 
 import validate
-from we_timm.recipes import export, state
-from we_timm.recipes.checkpoint import atomic_save, create_model_from_checkpoint, read_metadata, save_safetensors
+from we_timm.recipes import export, resuming
+from we_timm.recipes.checkpoint import atomic_save, read_metadata, save_safetensors
+from we_timm.recipes.models import create_model_from_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = "test_resnet"
@@ -346,7 +347,7 @@ def test_bulk_validation_of_a_run_folder(trained_run, tmp_path):
             "--no-progress", "--results-file", str(results)]
     rows = validate.main(validate.get_args_parser().parse_args(argv))
     # each set of weights once: the release files, and the kept epochs' states that no release file holds
-    best, last = (state.load_state(str(trained_run / f"{s}.pth.tar"))["epoch"] for s in ("model_best", "last"))
+    best, last = (resuming.load_state(str(trained_run / f"{s}.pth.tar"))["epoch"] for s in ("model_best", "last"))
     releases = [trained_run / "last.safetensors", *([trained_run / "model_best.safetensors"] if best != last else [])]
     expected = sorted([*releases, *(trained_run / f"checkpoint-{e}.pth.tar" for e in range(last) if e != best)])
     assert len(expected) == last + 1 == 2  # a model_best of the last epoch is a link to last: listed once
@@ -356,18 +357,18 @@ def test_bulk_validation_of_a_run_folder(trained_run, tmp_path):
     assert [w["checkpoint"] for w in written] == [str(p) for p in expected]
     for row, path in zip(rows, expected):
         metrics = (read_metadata(path)["metrics"] if path.suffix == ".safetensors"
-                   else state.load_state(str(path))["metrics"]["model"])
+                   else resuming.load_state(str(path))["metrics"]["model"])
         assert row["top1"] == metrics["top1"], path
 
 
 def test_bulk_model_list_and_wildcard(monkeypatch):
     """--model a,b / a wildcard: the named models, and the wildcard's models whose weights are cached."""
-    from we_timm.recipes import checkpoint
+    from we_timm.recipes import models
 
     cached = {"resnet18.a1_in1k", "resnet34.a1_in1k"}
-    monkeypatch.setattr(checkpoint, "weights_cached", lambda name: name in cached)
-    assert checkpoint.local_models("resnet1*,test_resnet") == ["resnet18.a1_in1k", "test_resnet"]
-    assert checkpoint.local_models("resnet*") == ["resnet18.a1_in1k", "resnet34.a1_in1k"]
+    monkeypatch.setattr(models, "weights_cached", lambda name: name in cached)
+    assert models.local_models("resnet1*,test_resnet") == ["resnet18.a1_in1k", "test_resnet"]
+    assert models.local_models("resnet*") == ["resnet18.a1_in1k", "resnet34.a1_in1k"]
     with pytest.raises(SystemExit) as e:
         validate.main(_args("--model", "vit_*"))
     assert str(e.value.code) == "error: --model vit_*: no such model has its pretrained weights on this machine"

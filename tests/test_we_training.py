@@ -13,9 +13,9 @@ from helpers import perturb
 from test_reliability import DIGITS_RUN_ARGS
 from test_train import TINY, digits_run, read_csv, run_train  # noqa: F401  (digits_run: fixture)
 from we_timm import WEConfig, WeightEvolution
-from we_timm.recipes import engine
+from we_timm.recipes import evolve
 from we_timm.recipes.checkpoint import load_weights
-from we_timm.recipes.state import load_state
+from we_timm.recipes.resuming import load_state
 
 
 def test_zero_changed_state_resets_only_changed_elements():
@@ -27,7 +27,7 @@ def test_zero_changed_state_resets_only_changed_elements():
     momentum = {p: opt.state[p]["momentum_buffer"].clone() for p in model.parameters()}
     with torch.no_grad():
         model.weight[1, 2] += 1.0
-    assert engine.zero_changed_state(SimpleNamespace(optimizer=opt), before) == 1
+    assert evolve.zero_changed_state(SimpleNamespace(optimizer=opt), before) == 1
     expected = momentum[model.weight].clone()
     expected[1, 2] = 0
     assert torch.equal(opt.state[model.weight]["momentum_buffer"], expected)
@@ -47,7 +47,7 @@ def test_evolve_with_ema_and_optimizer_reset():
                         we_ema=WeightEvolution(ema, cfg), optimizer=opt, accelerator=SimpleNamespace(num_processes=1),
                         history=[], we_records=[])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    engine.evolve(t, 0)
+    evolve.evolve(t, 0)
     row = t.history[-1]
     assert row["we_changed"] > 0 and row["we_ema_changed"] > 0 and row["we_opt_state_reset"] == row["we_changed"]
     assert any(not torch.equal(p, ema_before[n]) for n, p in ema.named_parameters())

@@ -121,7 +121,7 @@ class DeviceInputs:
 
 def pin_memory(flag: bool | None, device: torch.device) -> bool:
     """`--pin-mem` / `--no-pin-mem`, else pinned with a CUDA device: pinned batches are what lets the
-    non-blocking host-to-device copy (`engine.loader_config`) run asynchronously."""
+    non-blocking host-to-device copy (`runtime.loader_config`) run asynchronously."""
     return device.type == "cuda" if flag is None else bool(flag)
 
 

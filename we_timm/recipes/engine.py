@@ -1,5 +1,5 @@
-"""The training engine shared by train.py and validate.py: the `Trainer`, one epoch of training, evaluation,
-and the weight-evolution step with its cross-rank check.
+"""The training engine shared by train.py and validate.py: the `Trainer`, one epoch of training, and
+evaluation. The process setup is `runtime`'s, the weight-evolution step `evolve`'s.
 
 Functions take the `Trainer` (the run's objects) instead of timm's 15 arguments. Nothing here parses
 arguments or writes files.
@@ -8,142 +8,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import logging
-import os
-import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType
+from accelerate.utils import DistributedType
 from timm import utils
 from timm.data import Mixup
 from timm.models import model_parameters
 from torch import nn
 from tqdm import tqdm
 
-from ..evolution import WeightEvolution, is_dtensor
+from ..evolution import WeightEvolution
 from .sampling import sample_seed, seed_everything
-from .errors import DataError, NonFiniteLossError, RankMismatchError, read_batches
+from .errors import DataError, NonFiniteLossError, read_batches
 from .shards import is_sharded
-from .state import CheckpointKeeper, ResumePoint, save_recovery
+from .keeper import CheckpointKeeper
+from .resuming import ResumePoint
+from .state import save_recovery
 
 _logger = logging.getLogger(__name__)
-
-PRECISIONS = {"bfloat16": "bf16", "float16": "fp16"}  # --amp-dtype -> Accelerate's mixed_precision
-
-
-# glibc's own ceiling for its sliding mmap threshold (4 MiB * sizeof(long)), and twice it for the trim threshold
-MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 64 << 20
-OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
-
-
-def steady_malloc() -> bool:
-    """Fix glibc malloc's mmap and trim thresholds at the values its own heuristic slides up to: 32 / 64 MiB.
-
-    With the defaults (128 KiB, sliding up only after a large block happens to be freed), a process may keep
-    returning the activations' memory to the OS and zero-filling it again at the next step. train.py, resnet18
-    on digits, 4 epochs, 1 worker, 2 CPU cores: 658k-697k page faults and 2.8-3.3 s of system time without,
-    266k-284k and 2.1-2.6 s with (3 alternating pairs; up to 1.2M and 1.9M faults seen in other runs of ours and
-    of timm's train.py). Which state a run got depended on its history; now it is the same every time. Data
-    workers forked afterwards inherit it. Nothing is changed when the allocator is not glibc's, when another
-    one is preloaded, or when MALLOC_* / GLIBC_TUNABLES are set: the user's choice wins. For the entry point of
-    a script only (a process-wide setting); returns whether it was applied.
-    """
-    if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
-        return False
-    if any(name in os.environ.get("LD_PRELOAD", "") for name in OTHER_ALLOCATORS):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only (musl also has mallopt, as a no-op)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
-
-
-def cuda_settings() -> bool:
-    """What timm's train.py and validate.py set on a machine with CUDA: TF32 matrix multiplies
-    (`torch.backends.cuda.matmul.allow_tf32`; convolutions run in TF32 by torch's own default) and cuDNN's
-    autotuner (`cudnn.benchmark`: the fastest convolution algorithm per input shape, timed at its first use).
-
-    Neither reaches the weight-evolution step (norms, sorts and element-wise arithmetic: no matmul, no
-    convolution) nor a CPU run; as with timm, runs on GPUs are then not bit-reproducible. Returns whether set.
-    """
-    if not torch.cuda.is_available():
-        return False
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    return True
-
-
-def loader_config() -> DataLoaderConfiguration:
-    """How Accelerate places batches on the device: with CUDA, by non-blocking copies, as timm's prefetcher. From
-    pinned memory (`--pin-mem`, the default with CUDA) the host then queues the next step's work without waiting
-    for the copy, nor for the step before it (a blocking copy waits for the whole queue). Blocking elsewhere:
-    Accelerate drops the host batch right after starting the copy, which a non-blocking copy from unpinned
-    memory to Apple's MPS may still be reading; on a CUDA machine run on CPU it changes nothing."""
-    return DataLoaderConfiguration(non_blocking=torch.cuda.is_available())
-
-
-def mixed_precision(amp: bool, amp_dtype: str | None) -> str | None:
-    """Accelerate's `mixed_precision` for `--amp --amp-dtype` (None without --amp: the accelerate config decides)."""
-    return PRECISIONS[amp_dtype] if amp else None
-
-
-def check_backend(acc: Accelerator, args: argparse.Namespace) -> None:
-    """Refuse what this Accelerate setup cannot do, before anything is built or written.
-
-    DeepSpeed keeps the fp32 master weights inside its optimizer: WE would edit copies that do not train.
-    FSDP runs as version 2 (`fully_shard`, DTensor parameters: what WE, the checkpoint gather of `shards` and
-    the rank check read); version 1's flat parameters are refused. Under FSDP the EMA (an unsharded copy
-    timm updates from the parameters) and `--clip-mode value` / `agc` are refused too (Accelerate has no
-    clip_grad_value_ for FSDP; timm's AGC clamps a DTensor norm in place, which DTensor refuses).
-    SyncBatchNorm runs on CUDA devices only.
-    """
-    if acc.distributed_type == DistributedType.FSDP:
-        version = int(getattr(acc.state.fsdp_plugin, "fsdp_version", 1) or 1)
-        if version != 2:
-            raise ValueError(f"train.py runs FSDP version 2 only, this is version {version}: set fsdp_version: 2 "
-                             "in the accelerate config (or accelerate launch --fsdp_version 2)")
-        if args.model_ema:
-            raise ValueError("--model-ema does not run under FSDP (the EMA would be an unsharded copy of sharded "
-                             "parameters): train without it, or use DDP")
-        if args.clip_grad is not None and args.clip_mode != "norm":  # value: Accelerate refuses; agc: timm's
-            raise ValueError(f"--clip-mode {args.clip_mode} does not run under FSDP (sharded gradients): "
-                             "use --clip-mode norm")  # in-place clamp of a DTensor norm fails
-    if args.weight_evolution and acc.distributed_type == DistributedType.DEEPSPEED:
-        raise ValueError("--weight-evolution does not run under DeepSpeed: its fp32 master weights live in the "
-                         "DeepSpeed optimizer, where WE cannot edit them; use DDP or FSDP (accelerate config)")
-    if args.sync_bn and acc.device.type != "cuda":
-        raise ValueError(f"--sync-bn needs CUDA devices (torch SyncBatchNorm), this run is on {acc.device.type}")
-
-
-def bind_evolution(acc: Accelerator, model: nn.Module, we: WeightEvolution | None) -> WeightEvolution | None:
-    """`we` (config and state) re-bound to the parameters of the prepared `model`: the ones that train.
-
-    Under FSDP, `prepare` replaces the parameters WE was built on by sharded ones; under DDP they are the
-    same objects, and re-binding changes nothing.
-    """
-    if we is None:
-        return None
-    bound = WeightEvolution(acc.unwrap_model(model), we.config)
-    bound.load_state_dict(we.state_dict())
-    return bound
-
-
-def check_precision(accelerator: Accelerator) -> None:
-    """Accelerate runs float16 autocast on a CPU as fp32 while reporting fp16: refuse it instead."""
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ValueError("mixed precision float16 (--amp --amp-dtype float16, or the accelerate config) needs a "
-                         "GPU; on CPU use --amp-dtype bfloat16, or leave out --amp")
 
 
 @dataclass
@@ -357,106 +246,3 @@ def evaluate_batches(model, loader, accelerator: Accelerator, *, channels_last: 
     if n == 0:
         raise DataError("no samples were evaluated")
     return {"loss": totals[0].item() / n, "top1": 100.0 * totals[1].item() / n, "top5": 100.0 * totals[2].item() / n, "num_samples": int(n)}
-
-
-# ----------------------------------------------------------------------------- weight evolution
-
-
-def checksums(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """One int64 per tensor hashing its exact bits (position-weighted sum of the raw words)."""
-    words = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    sums = []
-    for p in tensors:
-        flat = p.detach().contiguous().view(-1)
-        bits = flat.view(words.get(flat.element_size(), torch.uint8)).long()
-        weights = torch.arange(bits.numel(), device=bits.device) % 65521 + 1
-        sums.append((bits * weights).sum())
-    return torch.stack(sums)
-
-
-def synced_tensors(t: Trainer) -> list[tuple[str, torch.Tensor]]:
-    """What every rank holds bit-identically after a WE step: the parameters, the EMA's parameters, and with
-    --dist-bn the BN running statistics of both (timm's distribute_bn syncs exactly those).
-
-    Parameters sharded by FSDP2 (DTensor) are left out: each element has one owner rank, so there is nothing
-    for ranks to disagree on (WE computes the whole value on every rank and each keeps its own slice);
-    BN statistics stay unsharded buffers and are compared."""
-    models = [("", t.raw_model)] + ([("ema.", t.model_ema.module)] if t.model_ema is not None else [])
-    items = []
-    for prefix, model in models:
-        items += [(prefix + n, p) for n, p in model.named_parameters() if not is_dtensor(p)]
-        if t.args.dist_bn:
-            items += [(prefix + n, b) for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
-    return items
-
-
-def check_ranks_agree(t: Trainer, epoch: int) -> None:
-    """All-gather checksums of `synced_tensors`; RankMismatchError naming the tensors if ranks differ."""
-    acc = t.accelerator
-    items = synced_tensors(t)
-    if not items:  # every parameter sharded and no --dist-bn: nothing is replicated
-        _logger.info(f"WE step {epoch}: parameters sharded over {acc.num_processes} ranks, nothing replicated to "
-                     "compare")
-        return
-    gathered = acc.gather(checksums(v for _, v in items)[None]).view(acc.num_processes, -1)
-    differs = (gathered != gathered[0]).any(0).tolist()
-    if any(differs):
-        names = [n for (n, _), d in zip(items, differs) if d]
-        raise RankMismatchError(
-            f"after the weight-evolution step of epoch {epoch}, ranks hold different values "
-            f"({len(names)}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
-        )
-    sharded = " (sharded parameters excepted)" if is_sharded(t.raw_model) else ""
-    _logger.info(f"WE step {epoch}: parameters{', BN statistics' if t.args.dist_bn else ''}"
-                 f"{' and EMA' if t.model_ema is not None else ''} identical on {acc.num_processes} ranks{sharded}")
-
-
-def zero_changed_state(optimizer: Any, before: dict[nn.Parameter, torch.Tensor]) -> int:
-    """Zero the optimizer state (SGD momentum, Adam moments: per-element tensors shaped like the parameter) of
-    every element whose value differs from `before`; returns the number of elements reset.
-
-    FSDP2 shards (DTensor) are compared and zeroed shard by shard on each rank (parameter, `before` and the
-    state share the placement); the count is then summed over the shards' ranks (a collective)."""
-    state = getattr(optimizer, "optimizer", optimizer).state
-    reset, mesh = torch.zeros((), dtype=torch.int64), None
-    for p, old in before.items():
-        if is_dtensor(p):
-            mesh = p.device_mesh
-        changed = _local(p.detach()) != _local(old)
-        buffers = [_local(v) for v in state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
-        for v in buffers:
-            v[changed] = 0
-        reset += changed.sum().cpu() if buffers else 0
-    if mesh is not None:  # over the shard dimension (the last): one replica's whole count
-        reset = reset.to(mesh.device_type)
-        torch.distributed.all_reduce(reset, group=mesh.get_group(mesh.ndim - 1))
-    return int(reset)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a view sharing its storage), or `t`."""
-    return t.to_local() if is_dtensor(t) else t
-
-
-def evolve(t: Trainer, epoch: int) -> None:
-    """`we.step(epoch)` on the unwrapped fp32 parameters (and the EMA's with --we-ema evolve; the optimizer state
-    of changed values zeroed with --we-reset-opt-state); stats go to the epoch's summary row and we_stats.jsonl."""
-    start = time.perf_counter()
-    before = {u.param: u.param.detach().clone() for u in t.we.units} if t.args.we_reset_opt_state else None
-    stats = t.we.step(epoch)
-    extra = {}
-    if t.we_ema is not None:
-        extra["we_ema_changed"] = t.we_ema.step(epoch).changed
-    if before is not None:
-        extra["we_opt_state_reset"] = zero_changed_state(t.optimizer, before)
-    seconds = time.perf_counter() - start
-    if t.accelerator.num_processes > 1:
-        check_ranks_agree(t, epoch)
-    row = {**stats.to_dict(), **extra, "we_time_s": seconds}
-    rows = [r for r in t.history if r["epoch"] == epoch]
-    (rows[-1] if rows else t.history.append(OrderedDict(epoch=epoch)) or t.history[-1]).update(row)
-    t.we_records.append({"epoch": epoch, **row, "inferior": dict(stats.inferior), "skipped": list(stats.skipped)})
-    _logger.info(
-        f"WE step {epoch}: {row['we_inferior']} inferior filters evolved, {row['we_changed']} values changed "
-        f"(rate conv {row.get('we_rate_conv', 0.0):.4f}) in {seconds * 1000:.1f} ms"
-    )

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from .args import ArgumentParser
-from .checkpoint import create_model_from_checkpoint, save_safetensors
+from .checkpoint import save_safetensors
+from .models import create_model_from_checkpoint
 from .errors import CheckpointError, one_line_errors, run
 from .files import atomic_write
 

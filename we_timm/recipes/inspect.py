@@ -35,7 +35,8 @@ from ..config import WEConfig
 from ..evolution import WeightEvolution, is_dtensor
 from ..plan import ROW_FIELDS, WEPlan
 from .args import ArgumentParser, add_we_args
-from .checkpoint import create_model_from_checkpoint, is_safetensors_file, torch_load
+from .checkpoint import is_safetensors_file, torch_load
+from .models import create_model_from_checkpoint
 from .errors import run
 from .files import pyplot, save_figure, write_text
 

@@ -8,7 +8,7 @@ return the module's and the optimizer's own `state_dict()` (the files stay exact
 sharded one they go through torch's `torch.distributed.checkpoint.state_dict` API: collectives, which every
 rank must call, with the whole state on CPU on rank 0 only (`cpu_offload`: the others get `{}`).
 
-FSDP version 1 (FlatParameter) is not handled: train.py refuses it (`engine.check_backend`).
+FSDP version 1 (FlatParameter) is not handled: train.py refuses it (`runtime.check_backend`).
 """
 from __future__ import annotations
 
