@@ -1,7 +1,7 @@
 """How a script's process and Accelerate are set up before training or evaluation: glibc malloc held
-steady, timm's CUDA flags, how batches reach the device, the precision, the backends refused (DeepSpeed, FSDP
-version 1, fp16 on CPU), and WE re-bound to the prepared model's parameters. Nothing here parses arguments or
-writes files.
+steady, timm's CUDA flags, how batches reach the device, the precision, the setups refused before any work
+(WE under DeepSpeed, FSDP version 1, float16 on a CPU, ...), and WE re-bound to the prepared model's
+parameters. Nothing here parses arguments or writes files.
 """
 from __future__ import annotations
 
