@@ -173,6 +173,12 @@ def _sched_args(parser):
 
 def _aug_args(parser):
     g = parser.add_argument_group("Augmentation and regularization parameters")
+    _image_aug_args(g)
+    _mix_and_regularization_args(g)
+
+
+def _image_aug_args(g):
+    """The training images' augmentation: timm's transforms, random erasing, repeats and splits."""
     g.add_argument("--no-aug", action="store_true", default=False, help="disable all training augmentation")
     g.add_argument("--scale", type=float, nargs="+", default=[0.08, 1.0], metavar="PCT",
                    help="random resize scale (default: 0.08 1.0)")
@@ -206,6 +212,11 @@ def _aug_args(parser):
     g.add_argument("--split-bn", action="store_true", default=False,
                    help="separate BatchNorm statistics per augmentation split (timm's SplitBatchNorm2d; the extra "
                         "layers are training-only and left out of the saved weights files)")
+
+
+def _mix_and_regularization_args(g):
+    """Mixup / CutMix, the loss (smoothing, BCE), training interpolation, dropout, BatchNorm (and across
+    processes), the collectives' timeout."""
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, enabled if > 0")
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, enabled if > 0")
     g.add_argument("--cutmix-minmax", type=float, nargs="+", default=None,
