@@ -50,7 +50,7 @@ from we_timm.recipes.evolve import evolve
 from we_timm.recipes.keeper import CheckpointKeeper
 from we_timm.recipes.models import check_pretrained_reachable, load_into_model
 from we_timm.recipes.runtime import (bind_evolution, check_backend, check_precision, cuda_settings, loader_config,
-                                     mixed_precision, steady_malloc)
+                                     mixed_precision, optimizer_kernel, steady_malloc)
 
 _logger = logging.getLogger("train")
 
@@ -192,10 +192,14 @@ def setup(args: argparse.Namespace, acc: Accelerator) -> tuple[Trainer, dict[str
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     resolve_lr(args, acc.num_processes)
+    kernel = optimizer_kernel(args.opt, args.opt_kwargs, acc)  # torch's fused step where it applies
     try:
-        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **kernel, **args.opt_kwargs)
     except (TypeError, AssertionError) as e:
         raise ValueError(f"cannot create optimizer {args.opt} (--opt, --opt-kwargs): {errors.one_line(e)}") from None
+    if kernel and acc.is_main_process:
+        _logger.info(f"{type(optimizer).__name__} steps with torch's fused kernel (--opt-kwargs fused=False: "
+                     "torch's default, as timm's train.py)")
     updates = -(-len(loader_train) // args.grad_accum_steps)
     scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates)
     we_config = we_config_from_args(args)

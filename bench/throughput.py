@@ -3,7 +3,7 @@
 Usage: python bench/throughput.py [--model resnet18 --model-kwargs ...] [--img-size 32] [-b 64] [--repeats 5]
 
 Both loops train copies of the same timm model (same init) with the same timm
-optimizer, loss and batches, in this process, on the same device. The batches
+optimizer (and step kernel), loss and batches, in this process, on the same device. The batches
 are the digits training set run once through timm's eval transforms and kept
 in memory, so data loading is not timed and the ratio measures the loop
 itself: train.py's `train_one_epoch` (Accelerate-prepared model, optimizer and
@@ -33,6 +33,7 @@ import train  # noqa: E402
 from timm.data import create_transform  # noqa: E402
 from timm.optim import create_optimizer_v2, optimizer_kwargs  # noqa: E402
 from we_timm.recipes.dataset import DigitsDataset  # noqa: E402
+from we_timm.recipes.runtime import optimizer_kernel  # noqa: E402
 
 CIFAR_IMAGES = 50_000
 
@@ -85,7 +86,8 @@ def build(train_argv: list[str]):
     acc = train.build_accelerator(args)
     t, _ = train.setup(args, acc)
     plain_model = copy.deepcopy(t.raw_model)
-    plain_opt = create_optimizer_v2(plain_model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    kernel = optimizer_kernel(args.opt, args.opt_kwargs, acc)  # the same step kernel as train.py's
+    plain_opt = create_optimizer_v2(plain_model, **optimizer_kwargs(cfg=args), **kernel, **args.opt_kwargs)
     data = digits_batches(t.meta["data_config"]["input_size"][-1], args.batch_size)
     def make_loader():
         return torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False, drop_last=True)

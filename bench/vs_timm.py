@@ -14,7 +14,10 @@ included). Per-epoch time, two more ways: the median time between the moments ep
 summary.csv (a full epoch: training, evaluation, checkpoint; polled every 5 ms), and (wall at N epochs - wall
 at 1 epoch) / (N - 1), what an extra epoch costs, start-up excluded (the difference of two noisy walls).
 Prints the median, min and max ratio ours / timm of each, with a 95% bootstrap interval of the median (an
-interval that holds 1.00 means no difference this run could tell from noise). timm's script is passed as an
+interval that holds 1.00 means no difference this run could tell from noise). Ours steps SGD with torch's fused
+kernel by default (`runtime.optimizer_kernel`), timm's script with torch's default for-loop on a CPU: that is
+the comparison a user gets with the same command. `--same-kernel` gives timm's script `--opt-kwargs fused=True`
+too, so that what is left is the rest of the loop. timm's script is passed as an
 argument and never copied here. Run it on an otherwise idle machine: both sides slow down when other jobs
 share the cores.
 """
@@ -93,12 +96,12 @@ def training_times(log: Path, train_size: int) -> list[float]:
     return [b[0] - a[0] for a, b in zip(events, events[1:]) if a[1] == train_size]
 
 
-def run(script: str, data: Path, out: Path, epochs: int, tag: str, timm: bool,
-        site: Path) -> tuple[float, list[float], list[float]]:
+def run(script: str, data: Path, out: Path, epochs: int, tag: str, timm: bool, site: Path,
+        extra: tuple[str, ...] = ()) -> tuple[float, list[float], list[float]]:
     """Wall seconds of one whole process, the seconds since its start at which each epoch's row reached its
     summary.csv (both scripts add one row per epoch; the run folder is polled every 5 ms), and each epoch's
     training time (`training_times`)."""
-    cmd = [sys.executable, script, "--data-dir", str(data), *FLAGS, "--epochs", str(epochs),
+    cmd = [sys.executable, script, "--data-dir", str(data), *FLAGS, *extra, "--epochs", str(epochs),
            "--output", str(out), "--experiment", tag]
     if timm:
         cmd += ["--device", "cpu"]
@@ -147,7 +150,10 @@ def main() -> None:
     p.add_argument("timm_train", help="timm's train.py (from a pytorch-image-models checkout)")
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--same-kernel", action="store_true",
+                   help="timm's script steps with torch's fused kernel too (--opt-kwargs fused=True)")
     opts = p.parse_args()
+    timm_extra = ("--opt-kwargs", "fused=True") if opts.same_kernel else ()
     if opts.epochs < 3:
         p.error("--epochs must be at least 3 (epochs 1.. are timed between epoch ends)")
     ours_script = str(ROOT / "train.py")
@@ -166,7 +172,7 @@ def main() -> None:
                 for side in (("ours", "timm") if i % 2 == 0 else ("timm", "ours")):  # alternate who goes first
                     script = ours_script if side == "ours" else opts.timm_train
                     wall, ends, train = run(script, data, tmp / "out", epochs, f"{side}-{i}-{epochs}", side == "timm",
-                                            site)
+                                            site, timm_extra if side == "timm" else ())
                     walls[side, epochs].append(wall)
                     # epoch 0 also holds the first batches' warm-up: of N epochs, epochs 1.. are timed
                     trains[side, epochs].append(statistics.median(train[1:]) if epochs == n else train[0])

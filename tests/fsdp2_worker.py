@@ -235,6 +235,21 @@ def state_case(name: str, mesh, folder: str) -> dict:
         step(opt)
     r["resumed_params"] = params_vs(fresh, whole)
     r["resumed_plain_params"] = params_vs(plain, whole)
+    # the state as a single-process train.py run saves it on a CPU (its default: torch's fused step), resumed under
+    # FSDP, which keeps torch's default kernel (torch has no DTensor rule for the fused SGD step)
+    single = torch_load(path)
+    for group in single["optimizer"]["param_groups"]:
+        group["fused"] = True
+    again = perturb(build(name), seed=3)
+    load_into_model(again, single["state_dict"])
+    again = shard(again, mesh)
+    opt_a = create_optimizer_v2(again, **kw)
+    state.restore_optimizer(SimpleNamespace(raw_model=again, optimizer=opt_a, args=resume_args(path, kw["opt"])),
+                            single)
+    r["fused_state_kernel"] = [g["fused"] for g in opt_a.param_groups]
+    backward(again, x, y)
+    step(opt_a)
+    r["fused_state_params"] = params_vs(again, fresh)
     r["resumed_plain_optimizer"] = compare_optimizer(opt_p.state_dict(), opt_w.state_dict())
     # a WE step with --we-reset-opt-state, --dist-bn and the rank check, as train.py's `evolve`
     cfg = WEConfig(rate=0.3, gamma=0.5, layers=("conv", "norm", "linear"))

@@ -93,7 +93,8 @@ def test_fsdp2_checkpoints_hold_the_whole_state_and_resume_anywhere(tmp_path: Pa
     """torchrun, 2 processes, `fully_shard` over a CPU mesh, train.py's own save / resume functions: the gathered
     model and optimizer states equal the unsharded model's trained identically (bitwise, in the unsharded
     layout: SGD momentum and AdamW moments, two parameter groups), only the writing process gets them; resumed
-    into a fresh sharded model and into a single-process one, both keep training bit-identically; evaluation,
+    into a fresh sharded model and into a single-process one, both keep training bit-identically (also a state
+    whose groups say fused, as a single-process run saves it: FSDP's own kernel steps it); evaluation,
     --we-reset-opt-state, --dist-bn and the rank check work on shards."""
     out = tmp_path / "state.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -104,7 +105,8 @@ def test_fsdp2_checkpoints_hold_the_whole_state_and_resume_anywhere(tmp_path: Pa
     assert set(report) == {"test_resnet", "odd_net"}
     for case, r in report.items():
         assert r["sharded_params"] == r["params"] > 0 and r["buffers_plain"] and r["writer_only"], (case, r)
-        for key in ("saved_model", "saved_optimizer", "resumed_params", "resumed_plain_params",
+        assert r["fused_state_kernel"] == [None, None], (case, r)  # a fused state resumes with FSDP's kernel
+        for key in ("saved_model", "saved_optimizer", "resumed_params", "resumed_plain_params", "fused_state_params",
                     "resumed_plain_optimizer", "dist_bn_buffers", "after_we_params", "after_we_optimizer"):
             assert r[key]["keys_equal"] and r[key]["bitwise_equal"] and r[key]["max_abs_diff"] == 0.0, (case, key)
         for key in ("saved_optimizer", "resumed_plain_optimizer", "after_we_optimizer"):

@@ -76,6 +76,72 @@ def test_resume_a_timm_checkpoint(tmp_path: Path):
     assert "argument(s) of timm's train.py that we_timm does not implement" in out
     weights, meta = load_weights(tmp_path / "out" / "from-timm" / "last.safetensors")
     assert meta["epoch"] == 2 and meta["we_config"] is not None
+    groups = torch.load(tmp_path / "out" / "from-timm" / "last.pth.tar", weights_only=True)["optimizer"]["param_groups"]
+    assert all(g["fused"] for g in groups)  # timm's state (fused None) resumed with this run's kernel
+
+
+def test_fused_step_kernel_unless_the_run_names_one(digits_run: Path, fresh_accelerate_state):  # noqa: F811
+    """torch's fused step for sgd / momentum / nesterov / adam / adamw on a CPU or CUDA device, on one device or
+    under DDP; an --opt-kwargs that names the kernel, other optimizers and other setups keep torch's default (as
+    timm's train.py). The update is the default kernel's to a float32 rounding; a loaded state keeps this run's
+    kernel (an Adam step count where the kernel reads it)."""
+    import copy
+
+    from accelerate.utils import DistributedType
+
+    from we_timm.recipes.runtime import keep_step_kernel, optimizer_kernel, step_kernel
+
+    def acc(device="cpu", backend=DistributedType.NO):
+        return SimpleNamespace(device=torch.device(device), distributed_type=backend)
+
+    for opt in ("sgd", "momentum", "nesterov", "adam", "adamw"):
+        assert optimizer_kernel(opt, {}, acc()) == {"fused": True}, opt
+    for backend, device in ((DistributedType.MULTI_CPU, "cpu"), (DistributedType.MULTI_GPU, "cuda")):
+        assert optimizer_kernel("sgd", {}, acc(device, backend)) == {"fused": True}
+    for opt, kwargs, where in (
+        ("lamb", {}, acc()), ("adagrad", {}, acc()), ("lookahead_sgd", {}, acc()), ("no_such_opt", {}, acc()),
+        ("sgd", {"fused": False}, acc()), ("sgd", {"foreach": True}, acc()), ("adam", {"differentiable": True}, acc()),
+        ("sgd", {}, acc("mps")), ("sgd", {}, acc("cuda", DistributedType.FSDP)),
+        ("adamw", {}, acc("cuda", DistributedType.DEEPSPEED)),
+    ):
+        assert optimizer_kernel(opt, kwargs, where) == {}, (opt, kwargs, where)
+
+    torch.manual_seed(0)
+    model, x = timm.create_model("test_resnet", num_classes=10), torch.randn(4, 3, 32, 32)
+    for opt in ("sgd", "adamw"):
+        models = [copy.deepcopy(model) for _ in range(2)]
+        optimizers = [create_optimizer_v2(m, opt, lr=0.05, weight_decay=2e-5, **kw)
+                      for m, kw in zip(models, ({}, {"fused": True}))]
+        for _ in range(2):  # the same gradients for both kernels; then the same values again
+            models[0](x).square().mean().backward()
+            for a, b in zip(*(m.parameters() for m in models)):
+                b.grad = a.grad.clone()
+            for o in optimizers:
+                o.step()
+                o.zero_grad()
+            for a, b in zip(*(m.parameters() for m in models)):
+                assert torch.allclose(a, b, rtol=0, atol=1e-6), opt
+                b.data.copy_(a)
+
+    saved = optimizers[0].state_dict()  # adamw, torch's default kernel: step counts as float32 on the CPU
+    resumed = create_optimizer_v2(copy.deepcopy(models[0]), "adamw", lr=0.05, weight_decay=2e-5, fused=True)
+    kernel = step_kernel(resumed)
+    resumed.load_state_dict(saved)
+    assert not any(g["fused"] for g in resumed.param_groups)  # torch takes the saved groups' flags
+    keep_step_kernel(resumed, kernel)
+    assert all(g["fused"] for g in resumed.param_groups) and step_kernel(resumed) == kernel
+    assert all(s["step"].dtype == torch.float32 and s["step"].item() == 2 for s in resumed.state.values())
+    unfused = create_optimizer_v2(copy.deepcopy(models[0]), "adamw", lr=0.05, weight_decay=2e-5, fused=False)
+    kernel = step_kernel(unfused)
+    unfused.load_state_dict(resumed.state_dict())
+    keep_step_kernel(unfused, kernel)
+    assert not any(g["fused"] for g in unfused.param_groups)
+
+    groups = torch.load(digits_run / "last.pth.tar", weights_only=True)["optimizer"]["param_groups"]
+    assert all(g["fused"] for g in groups)  # train.py's default --opt sgd on this CPU
+    args = train.parse_args([*TINY, *DIGITS, "--opt-kwargs", "fused=False"])
+    t, _ = train.setup(args, train.build_accelerator(args))
+    assert not any(g["fused"] for g in t.optimizer.param_groups)  # timm's default kernel, asked for
 
 
 class _Stop(Exception):

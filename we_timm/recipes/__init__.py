@@ -10,7 +10,7 @@ the WE core (`we_timm`) never imports it.
     bad_images    unreadable images named, counted across workers, limited
     data          what the scripts load: datasets wrapped, timm transforms and loaders
     engine        Trainer, train_one_epoch, evaluate
-    runtime       process and Accelerate setup: steady malloc, CUDA flags, precision, setups refused
+    runtime       process and Accelerate setup: steady malloc, CUDA flags, step kernel, precision, setups refused
     evolve        the WE step of a run (EMA, optimizer state) and its cross-rank check
     state         training states: what a run saves (epoch, mid-epoch, release files) and restores
     resuming      reading states; --resume auto / a folder -> the newest state; resume checks

@@ -1,7 +1,7 @@
 """How a script's process and Accelerate are set up before training or evaluation: glibc malloc held
-steady, timm's CUDA flags, how batches reach the device, the precision, the setups refused before any work
-(WE under DeepSpeed, FSDP version 1, float16 on a CPU, ...), and WE re-bound to the prepared model's
-parameters. Nothing here parses arguments or writes files.
+steady, timm's CUDA flags, how batches reach the device, the optimizer's step kernel, the precision, the setups
+refused before any work (WE under DeepSpeed, FSDP version 1, float16 on a CPU, ...), and WE re-bound to the
+prepared model's parameters. Nothing here parses arguments or writes files.
 """
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import argparse
 import ctypes
 import os
 import sys
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType
+from timm.optim import get_optimizer_info
 from torch import nn
 
 from ..evolution import WeightEvolution
@@ -73,6 +75,58 @@ def loader_config() -> DataLoaderConfiguration:
     Accelerate drops the host batch right after starting the copy, which a non-blocking copy from unpinned
     memory to Apple's MPS may still be reading; on a CUDA machine run on CPU it changes nothing."""
     return DataLoaderConfiguration(non_blocking=torch.cuda.is_available())
+
+
+# torch's optimizers with a fused step (one kernel per parameter) on both CPU and CUDA devices, and the setups
+# where it is taken by default: one device or DDP (torch has no DTensor rule for the fused SGD step under FSDP)
+FUSED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+FUSED_DEVICES = ("cpu", "cuda")
+FUSED_BACKENDS = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+KERNEL_KEYS = ("fused", "foreach")  # what an optimizer's parameter groups say about the kernel of their step
+
+
+def optimizer_kernel(opt: str, opt_kwargs: dict[str, Any], acc: Accelerator) -> dict[str, bool]:
+    """`{"fused": True}` for `--opt` sgd / momentum / nesterov / adam / adamw (torch's own classes) on a CPU or
+    CUDA device, on one device or under DDP, unless `--opt-kwargs` names the kernel (`fused`, `foreach`) or
+    `differentiable`; otherwise `{}`, torch's default as in timm's train.py.
+
+    The same update, computed in one pass over each parameter instead of torch's default for-loop on a CPU
+    (four passes and two temporaries a parameter; `foreach` on CUDA). resnet18 on this project's 2-core CPU:
+    4.9 ms a step instead of 11.8 ms; the values agree with the for-loop's to a float32 rounding (2.4e-7 at
+    most after a step), not bit for bit. `--opt-kwargs fused=False` gives timm's default back.
+    """
+    if any(k in opt_kwargs for k in (*KERNEL_KEYS, "differentiable")):
+        return {}
+    if acc.device.type not in FUSED_DEVICES or acc.distributed_type not in FUSED_BACKENDS:
+        return {}
+    try:
+        opt_class = get_optimizer_info(opt).opt_class  # lookahead_* and unknown names are not in the registry
+    except ValueError:
+        return {}
+    return {"fused": True} if opt_class in FUSED_OPTIMIZERS else {}
+
+
+def step_kernel(optimizer: Any) -> list[dict[str, Any]]:
+    """The kernel flags (`KERNEL_KEYS`) of each parameter group of `optimizer` (or of the one a wrapper holds)."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    return [{k: g[k] for k in KERNEL_KEYS if k in g} for g in opt.param_groups]
+
+
+def keep_step_kernel(optimizer: Any, kernel: list[dict[str, Any]]) -> None:
+    """Give each parameter group the kernel flags of `kernel` (`step_kernel` before a state was loaded): torch's
+    `load_state_dict` takes them from the saved groups, and the kernel is this run's choice (a state of timm's
+    train.py, or from before `optimizer_kernel`, resumes fused). An Adam step count moves where the new kernel
+    keeps it, as torch places it: on the parameter's device as float32 when fused or capturable, else on the CPU."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    for group, flags in zip(opt.param_groups, kernel):
+        if all(group.get(k) == v for k, v in flags.items()):
+            continue
+        group.update(flags)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            step = opt.state.get(p, {}).get("step")
+            if torch.is_tensor(step) and step.ndim == 0:
+                opt.state[p]["step"] = (step.to(p.device, torch.float32) if on_device else step.cpu())
 
 
 def mixed_precision(amp: bool, amp_dtype: str | None) -> str | None:

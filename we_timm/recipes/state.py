@@ -28,6 +28,7 @@ from .keeper import CheckpointKeeper
 from .models import SPLIT_BN, load_into_model
 from .resuming import (RECOVERY, STATE_EXT, STATE_FORMAT, STATE_VERSION, ResumePoint, load_state, model_weights,
                        warn_changed_args)
+from .runtime import keep_step_kernel, step_kernel
 from .shards import full_model_state, full_optimizer_state, is_sharded, load_full_optimizer_state
 
 if TYPE_CHECKING:
@@ -212,8 +213,10 @@ def restore_optimizer(t: Trainer, state: Mapping[str, Any]) -> None:
     into sharded parameters every rank loads the whole state and keeps its shards (collective)."""
     if t.args.no_resume_opt:
         return
+    kernel = step_kernel(t.optimizer)  # this run's, not the saved groups' (`keep_step_kernel`)
     try:
         load_full_optimizer_state(t.raw_model, t.optimizer, state["optimizer"])
     except (ValueError, KeyError) as e:
         raise ValueError(f"cannot restore the optimizer state of {t.args.resume} into --opt {t.args.opt}: "
                          f"{one_line(e)}; pass --no-resume-opt to start the optimizer afresh") from None
+    keep_step_kernel(t.optimizer, kernel)
